@@ -1,0 +1,175 @@
+"""The decode loop: one function that every strategy and cache plugs into.
+
+``generate(model, prompt_ids, prompt_mask, sampler, config)`` does, for a batch of left-padded prompts:
+
+1. Build the canvas ``x = [prompt ; [MASK] * gen_length]`` (B, T), the key-padding mask and RoPE positions
+   derived from it (padding consumes no position, so a padded prompt sees exactly what it sees alone).
+2. For each block of ``block_length`` columns (semi-autoregressive decoding; one block = pure diffusion):
+   a. a row is *active* if it is not finished and its block still has masks;
+   b. the cache returns the logits of the span the sampler looks at (the block, or the whole generation);
+   c. the sampler decides which masked positions to commit (and, if it can, which to re-mask);
+   d. the decision is applied to active rows only; every active row counts one forward pass (NFE).
+3. A row *finishes* once a stop token (EOS / end-of-turn) is committed and every position before the first
+   one is decoded: nothing it could still decode would change its answer, so stopping early gives exactly
+   the tokens of running to the end. A caller-supplied ``block_done`` check (stop strings) is applied at
+   block ends, where everything left of the block is final.
+
+The step itself has no per-row Python and no host sync; the loop reads one boolean per step (is any row
+still active?) and one per block (is every row finished?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from lmeval_dllm.caches.base import Cache
+from lmeval_dllm.models.common import DiffusionLM
+from lmeval_dllm.samplers.base import DecodeState, Sampler
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Lengths of the generation region.
+
+    Args:
+        gen_length: number of positions generated (the canvas is prompt + ``gen_length`` masks).
+        block_length: semi-autoregressive block size; must divide ``gen_length``. ``gen_length`` = one block.
+    """
+
+    gen_length: int
+    block_length: int
+
+    def __post_init__(self):
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be an integer >= 1, got {self.gen_length}")
+        if self.block_length < 1:
+            raise ValueError(f"block_length must be an integer >= 1, got {self.block_length}")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}; "
+                f"choose a block_length that divides gen_length (e.g. 32 for 256) or block_length=gen_length"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # (B, G) long: generation region ([MASK] where a finished row stopped early)
+    nfe: torch.Tensor  # (B,) long: forward passes in which the row was active
+    committed: torch.Tensor  # (B,) long: positions committed (re-masked ones count again when re-committed)
+    answer_length: torch.Tensor  # (B,) long: index of the first stop token, or G if none
+    steps: int  # forward passes made for the whole batch
+
+
+def first_stop(gen: torch.Tensor, stop_token_ids: torch.Tensor) -> torch.Tensor:
+    """gen (B, G) -> (B,) index of the first stop token in each row, G where there is none."""
+    is_stop = torch.isin(gen, stop_token_ids)
+    return torch.where(is_stop.any(-1), is_stop.int().argmax(-1), gen.shape[-1])
+
+
+def finished_rows(gen: torch.Tensor, stop_token_ids: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """(B,) bool: a stop token is committed and no mask is left before the first one."""
+    end = first_stop(gen, stop_token_ids)
+    col = torch.arange(gen.shape[-1], device=gen.device)
+    undecided_before = ((gen == mask_token_id) & (col[None, :] < end[:, None])).any(-1)
+    return (end < gen.shape[-1]) & ~undecided_before
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionLM,
+    prompt_ids: torch.Tensor,
+    prompt_mask: Optional[torch.Tensor],
+    sampler: Sampler,
+    config: GenerationConfig,
+    *,
+    stop_token_ids: torch.Tensor,
+    cache: Optional[Cache] = None,
+    generator: Optional[torch.Generator] = None,
+    block_done: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> GenerationOutput:
+    """Decode ``config.gen_length`` tokens after each (left-padded) prompt.
+
+    Args:
+        model: a :class:`DiffusionLM` (LLaDA or Dream).
+        prompt_ids (`torch.LongTensor` of shape `(B, P)`): prompts, left-padded.
+        prompt_mask (`torch.BoolTensor` of shape `(B, P)`, *optional*): True on real prompt tokens.
+        sampler: the strategy (``lmeval_dllm.samplers``).
+        config: gen_length / block_length.
+        stop_token_ids (`torch.LongTensor` of shape `(S,)`): tokens that end an answer (EOS, end-of-turn).
+        cache: an approximate cache (``lmeval_dllm.caches``); None = exact computation.
+        generator: RNG for sampling (temperature > 0, random remasking).
+        block_done: ``f(gen (B, G), finished (B,)) -> (B,) bool`` evaluated after each block, e.g. "the
+            decoded text contains a stop string"; rows it marks are finished.
+    """
+    sampler.validate_lengths(config.gen_length, config.block_length)
+    device = model.device
+    B, P = prompt_ids.shape
+    G, mask_id = config.gen_length, model.mask_token_id
+    prompt_ids = prompt_ids.to(device)
+    x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
+    attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)
+    if prompt_mask is not None and not bool(prompt_mask.all()):  # one sync per call, not per step
+        prompt_mask = prompt_mask.to(device=device, dtype=torch.bool)
+        attention_mask = torch.cat([prompt_mask, torch.ones(B, G, dtype=torch.bool, device=device)], dim=1)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    state = DecodeState(
+        x=x, position_ids=position_ids, attention_mask=attention_mask, prompt_len=P, mask_token_id=mask_id,
+        stop_token_ids=stop_token_ids.to(device), generator=generator,
+        decoded_at=torch.full((B, P + G), -1, dtype=torch.long, device=device),
+    )
+    cache = cache if cache is not None else Cache()
+    nfe = torch.zeros(B, dtype=torch.long, device=device)
+    committed = torch.zeros(B, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    sampler.start(state)
+    cache.setup(model, state)
+
+    for b in range(config.num_blocks):
+        state.block = slice(P + b * config.block_length, P + (b + 1) * config.block_length)
+        state.block_index, state.step_in_block = b, 0
+        sampler.begin_block(state)
+        cache.begin_block(state)
+        while True:
+            active = ~finished & (state.x[:, state.block] == mask_id).any(-1)
+            if not bool(active.any()):
+                break
+            state.active = active
+            span = state.block if sampler.logits_span == "block" else slice(P, P + G)
+            logits = cache.forward(model, state, span).float()  # (B, L, V)
+            out = sampler.step(logits, state)
+            # Only masked positions of active rows can be committed; only decoded ones re-masked.
+            cols = state.x[:, span]
+            commit = out.commit & (cols == mask_id) & active[:, None]
+            new = torch.where(commit, out.tokens, cols)
+            stamp = torch.where(commit, state.step, state.decoded_at[:, span])
+            if out.remask is not None:
+                remask = out.remask & (cols != mask_id) & active[:, None] & ~commit
+                new = torch.where(remask, mask_id, new)
+                stamp = torch.where(remask, -1, stamp)
+            state.x[:, span] = new
+            state.decoded_at[:, span] = stamp
+            committed += commit.sum(-1)
+            nfe += active.long()
+            state.step += 1
+            state.step_in_block += 1
+            cache.end_step(state, out)
+            if not sampler.can_remask:  # a revokable sampler may still change tokens before EOS
+                finished |= finished_rows(state.x[:, P:], state.stop_token_ids, mask_id)
+        if sampler.can_remask:
+            finished |= finished_rows(state.x[:, P:], state.stop_token_ids, mask_id)
+        if block_done is not None:
+            finished |= block_done(state.x[:, P:], finished)
+        if bool(finished.all()):
+            break
+
+    gen = state.x[:, P:]
+    return GenerationOutput(tokens=gen, nfe=nfe, committed=committed,
+                            answer_length=first_stop(gen, state.stop_token_ids), steps=state.step)

@@ -1,0 +1,72 @@
+"""Dream family (Dream-v0-Base-7B, Dream-v0-Instruct-7B): HF ``model_type`` "Dream".
+
+Dream (Ye et al., "Dream 7B: Diffusion Large Language Models", arXiv:2508.15487) is initialised from Qwen2.5 and
+keeps its autoregressive alignment: output row i-1 carries the distribution of position i. ``logit_shift = 1``
+tells :meth:`DiffusionLM.predict` to read target column t from row t-1, so samplers never see the shift.
+Architecture and names follow the official ``modeling_dream.py`` (Qwen2: q/k/v bias, GQA, RoPE in model dtype).
+"""
+
+from __future__ import annotations
+
+from lmeval_dllm.models.common import ModelArgs, Slot
+
+MODEL_TYPE = "Dream"
+
+
+def parse_config(cfg: dict) -> ModelArgs:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"Dream config.json has hidden_act={cfg['hidden_act']!r}; only 'silu' is supported")
+    if cfg.get("rope_scaling"):
+        raise ValueError(f"Dream config.json has rope_scaling={cfg['rope_scaling']!r}; only plain RoPE is supported")
+    if cfg.get("use_sliding_window"):
+        raise ValueError("Dream config.json has use_sliding_window=true; only full attention is supported")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return ModelArgs(
+        family="dream",
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=True,
+        rope_fp32=False,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", 32768)),
+        mask_token_id=int(cfg.get("mask_token_id", 151666)),
+        eos_token_id=cfg.get("eos_token_id", 151643),
+        pad_token_id=cfg.get("pad_token_id", 151643),
+        logit_shift=1,
+    )
+
+
+def weight_names(args: ModelArgs) -> dict[str, Slot]:
+    """{official checkpoint name: where it goes in our module}."""
+    q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    names = {
+        "model.embed_tokens.weight": Slot("tok_embeddings.weight"),
+        "model.norm.weight": Slot("norm.weight"),
+    }
+    if not args.tie_embeddings:
+        names["lm_head.weight"] = Slot("output.weight")
+    for i in range(args.n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            for part, (proj, rows) in enumerate((("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))):
+                names[f"{src}self_attn.{proj}.{kind}"] = Slot(f"{dst}wqkv.{kind}", part, 3, rows)
+        names.update({
+            f"{src}input_layernorm.weight": Slot(f"{dst}attn_norm.weight"),
+            f"{src}self_attn.o_proj.weight": Slot(f"{dst}wo.weight"),
+            f"{src}post_attention_layernorm.weight": Slot(f"{dst}mlp_norm.weight"),
+            f"{src}mlp.gate_proj.weight": Slot(f"{dst}w13.weight", 0, 2, args.intermediate_size),
+            f"{src}mlp.up_proj.weight": Slot(f"{dst}w13.weight", 1, 2, args.intermediate_size),
+            f"{src}mlp.down_proj.weight": Slot(f"{dst}w2.weight"),
+        })
+    return names
+
+
+def ignore(name: str) -> bool:
+    # Some Qwen2-derived exports carry the (recomputable) RoPE buffer.
+    return name.endswith("rotary_emb.inv_freq")

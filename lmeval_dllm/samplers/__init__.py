@@ -1,0 +1,40 @@
+"""Decoding strategies, by the names researchers use (``strategy=<name>``).
+
+One file per paper; each class takes its parameters as typed keyword arguments (see ``params.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
+from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+from lmeval_dllm.samplers.proposal import Proposal
+from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "vanilla": LowConfidenceSampler,  # LLaDA low-confidence remasking + Fast-dLLM threshold / factor
+}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown strategy {name!r}{did_you_mean(name, SAMPLERS)} available: {', '.join(SAMPLERS)}"
+        ) from None
+
+
+def sampler_params(name: str) -> dict[str, tuple[Any, Any]]:
+    """{parameter: (type, default)} that strategy ``name`` accepts (besides the proposal parameters)."""
+    return keyword_params(sampler_class(name).__init__)
+
+
+def build_sampler(name: str, proposal: Proposal, **kwargs: Any) -> Sampler:
+    cls = sampler_class(name)
+    return cls(proposal, **coerce_kwargs(cls.__init__, kwargs, f"strategy {name!r}"))
+
+
+__all__ = ["SAMPLERS", "DecodeState", "Proposal", "Sampler", "StepOutput", "build_sampler", "sampler_class",
+           "sampler_params"]

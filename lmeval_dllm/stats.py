@@ -1,0 +1,84 @@
+"""Per-request decoding statistics and their aggregate.
+
+Definitions (per request; a request is one prompt of a batch):
+
+- ``nfe``: forward passes during which the request was still decoding (the model ran on the whole batch;
+  a request that finished early stops counting).
+- ``answer_tokens``: generated tokens before the first stop token (EOS / end-of-turn), or ``gen_length``.
+- ``committed_tokens``: positions the sampler committed (re-masked positions count again when re-committed).
+- ``wall_time_s``: wall time of the ``generate`` call of the request's batch (device synchronised).
+- ``tokens_per_s``: ``answer_tokens / wall_time_s``; ``tokens_per_step``: ``answer_tokens / nfe``.
+
+The aggregate sums tokens and forward passes and counts each batch's time once, so ``tokens_per_s`` is total
+answer tokens over total generation time (throughput), not a mean of per-request ratios.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int
+    gen_length: int
+    nfe: int
+    answer_tokens: int
+    committed_tokens: int
+    wall_time_s: float
+    batch_size: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.answer_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.answer_tokens / self.nfe if self.nfe else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "tokens_per_step": self.tokens_per_step}
+
+
+@dataclass
+class StatsLog:
+    requests: list[RequestStats] = field(default_factory=list)
+    batch_times: list[float] = field(default_factory=list)
+    batch_steps: list[int] = field(default_factory=list)
+    peak_memory_gb: Optional[float] = None
+
+    def add_batch(self, stats: list[RequestStats], wall_time_s: float, steps: int) -> None:
+        self.requests.extend(stats)
+        self.batch_times.append(wall_time_s)
+        self.batch_steps.append(steps)
+
+    def summary(self) -> dict:
+        n = len(self.requests)
+        if n == 0:
+            return {"requests": 0}
+        time = sum(self.batch_times)
+        answer = sum(r.answer_tokens for r in self.requests)
+        nfe = sum(r.nfe for r in self.requests)
+        out = {
+            "requests": n,
+            "batches": len(self.batch_times),
+            "mean_nfe": nfe / n,
+            "mean_answer_tokens": answer / n,
+            "mean_committed_tokens": sum(r.committed_tokens for r in self.requests) / n,
+            "total_answer_tokens": answer,
+            "total_forward_passes": sum(self.batch_steps),
+            "total_time_s": time,
+            "tokens_per_s": answer / time if time > 0 else 0.0,
+            "tokens_per_step": answer / nfe if nfe else 0.0,
+            "mean_latency_s": sum(r.wall_time_s / r.batch_size for r in self.requests) / n,
+        }
+        if self.peak_memory_gb is not None:
+            out["peak_memory_gb"] = self.peak_memory_gb
+        return out
+
+    def write_jsonl(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in self.requests:
+                f.write(json.dumps(r.to_dict()) + "\n")
