@@ -64,6 +64,7 @@ class GenerationOutput:
     nfe: torch.Tensor  # (B,) long: forward passes in which the row was active
     committed: torch.Tensor  # (B,) long: positions committed (re-masked ones count again when re-committed)
     answer_length: torch.Tensor  # (B,) long: index of the first stop token, or G if none
+    decoded_at: torch.Tensor  # (B, G) long: forward pass (0-based) that committed each position, -1 if none
     steps: int  # forward passes made for the whole batch
 
 
@@ -172,4 +173,5 @@ def generate(
 
     gen = state.x[:, P:]
     return GenerationOutput(tokens=gen, nfe=nfe, committed=committed,
-                            answer_length=first_stop(gen, state.stop_token_ids), steps=state.step)
+                            answer_length=first_stop(gen, state.stop_token_ids),
+                            decoded_at=state.decoded_at[:, P:], steps=state.step)
