@@ -90,14 +90,17 @@ def completion_code(response: str, entry_point: str) -> str:
     """The code part of a response that continues "```python\\n<prompt>\\n".
 
     Candidates: the text before the first fence (the continuation of the fence the prompt opened) and the
-    content of every later fenced block. The first candidate that defines ``entry_point`` wins (the model wrote
-    the whole function); otherwise the continuation, when it holds code; otherwise the first fenced block.
+    content of every later fenced block. In order of preference: the continuation when it defines
+    ``entry_point`` or holds an indented line (a function body); the first block that defines ``entry_point``;
+    the continuation when it looks like code at all (a body written flush left); the first block.
     """
     head, fence, rest = response.partition("```")
     blocks = [m.group(1) for m in _FENCE_RE.finditer(fence + rest)] if fence else []
-    for candidate in [head, *blocks]:
-        if _defines(candidate, entry_point):
-            return candidate
+    if _defines(head, entry_point) or re.search(r"^[ \t]+\S", head, re.MULTILINE):
+        return head
+    for block in blocks:
+        if _defines(block, entry_point):
+            return block
     if head.strip() and _looks_like_code(head):
         return head
     return blocks[0] if blocks else head

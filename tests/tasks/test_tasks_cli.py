@@ -50,8 +50,8 @@ def test_all_tasks_on_tiny_llada(llada_dir, tmp_path):
     results = lm_eval(
         "--model", "dllm",
         # max_length: LLaDA's 4-shot prompt is ~4.8k byte-level tokens, past the tiny config's 4096 positions.
-        "--model_args", f"pretrained={llada_dir},gen_length=8,block_length=8,max_length=8192,stats_path={stats}",
-        "--tasks", "gsm8k_dllm,humaneval_instruct_dllm,reversal_poem", "--limit", "2",
+        "--model_args", f"pretrained={llada_dir},gen_length=4,block_length=4,max_length=8192,stats_path={stats}",
+        "--tasks", "gsm8k_dllm,humaneval_instruct_dllm,reversal_poem", "--limit", "1",
         "--apply_chat_template", "--confirm_run_unsafe_code",
         "--metadata", json.dumps({"gsm8k_path": GSM8K_MINI, "poem_path": poems}),
         cwd=str(tmp_path),
@@ -69,14 +69,14 @@ def test_all_tasks_on_tiny_llada(llada_dir, tmp_path):
     for task, metrics in expected_metrics.items():
         for metric in metrics:
             assert 0.0 <= results["results"][task][metric] <= 1.0, (task, metric)
-    assert {t: n["effective"] for t, n in results["n-samples"].items()} == {t: 2 for t in expected_metrics
+    assert {t: n["effective"] for t, n in results["n-samples"].items()} == {t: 1 for t in expected_metrics
                                                                             if t != "reversal_poem"}
     assert results["n-samples"]["humaneval_instruct_dllm"]["original"] == 164  # the bundled file, offline
 
-    # --model_args gen_length=8 won over every task's own gen_length (256, 512, 28).
+    # --model_args gen_length=4 won over every task's own gen_length (256, 512, 28).
     records = read_stats(stats)
-    assert len(records) == 12 and {r["gen_length"] for r in records} == {8}
-    assert results["config"]["dllm_stats"]["requests"] == 12
+    assert len(records) == 6 and {r["gen_length"] for r in records} == {4}
+    assert results["config"]["dllm_stats"]["requests"] == 6
 
     # The prompts that reached the model.
     fast = samples(str(tmp_path), "gsm8k_fastdllm")[0]["arguments"]["gen_args_0"]

@@ -47,6 +47,11 @@ def test_new_fence_with_the_whole_function(humaneval_utils):
     assert humaneval_utils.extract_program(response, ADD) == STUB + "\ndef add(a, b):\n    return a + b\n"
 
 
+def test_continuation_wins_over_a_later_alternative(humaneval_utils):
+    response = "    return a + b\n```\nOr, differently:\n```python\ndef add(a, b):\n    return sum([a, b])\n```"
+    assert humaneval_utils.extract_program(response, ADD) == STUB + "    return a + b\n"
+
+
 def test_header_with_trailing_calls_keeps_only_definitions(humaneval_utils):
     response = ("def add(a, b):\n    return a + b\n\nprint(add(1, 2))\nassert add(1, 1) == 3\n"
                 "if __name__ == '__main__':\n    raise SystemExit(1)\n")
