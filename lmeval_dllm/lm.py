@@ -10,9 +10,7 @@ Decoding is ``lmeval_dllm.generate.generate``; strategies are ``lmeval_dllm.samp
 Decoding parameters (``gen_length``, ``block_length``, strategy, proposal and cache parameters) may be given in
 ``--model_args`` or carried by a task's ``generation_kwargs`` (and ``--gen_kwargs``, which lm-eval merges into
 them). Precedence: what the user puts in ``--model_args`` > the task's generation kwargs (including
-``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``. A task's step count
-(``steps`` / ``num_transfer_tokens``) belongs to the task's ``gen_length``: it is dropped when ``--model_args``
-sets ``gen_length``, ``steps`` or ``num_transfer_tokens``.
+``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``.
 """
 
 from __future__ import annotations
@@ -49,8 +47,6 @@ LOOP_PARAMS: dict[str, tuple[Any, Any]] = {
     "block_length": (Optional[int], DEFAULT_BLOCK_LENGTH),
 }
 PROPOSAL_PARAMS = keyword_params(Proposal.from_params)
-# One setting spelled two ways (total budget / per step): a user's value replaces the task's, whichever spelling.
-STEP_COUNT_PARAMS = ("steps", "num_transfer_tokens")
 # Standard lm-eval generation kwargs we understand besides the decoding parameters.
 LM_EVAL_GEN_KWARGS = ("until", "max_gen_toks", "do_sample")
 
@@ -181,9 +177,6 @@ class DLLM(TemplateLM):
         max_gen_toks = kwargs.pop("max_gen_toks")
         kwargs.pop("do_sample", None)
         task = self._check_decoding(kwargs, source="the task's generation_kwargs / --gen_kwargs")
-        if any(k in self.user_decoding for k in ("gen_length", *STEP_COUNT_PARAMS)):
-            for k in STEP_COUNT_PARAMS:  # the task's step count was chosen for the task's gen_length
-                task.pop(k, None)
         params = {**task, **self.user_decoding}
         gen_length = params.get("gen_length") or max_gen_toks
         if "block_length" not in params and gen_length % DEFAULT_BLOCK_LENGTH:

@@ -158,12 +158,12 @@ def test_zero_shot_prompt(gsm8k_tasks, llada_tokenizer):
 def test_generation_kwargs_carry_the_protocols(gsm8k_tasks):
     kwargs = {name: dict(task.config.generation_kwargs) for name, task in gsm8k_tasks.items()}
     assert kwargs["gsm8k_fastdllm"] == {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False,
-                                        "max_gen_toks": 256, "gen_length": 256, "block_length": 32, "steps": 256}
+                                        "max_gen_toks": 256, "gen_length": 256, "block_length": 32}
     assert kwargs["gsm8k_llada"] == {"until": ["Question:"], "do_sample": False, "max_gen_toks": 512,
-                                     "gen_length": 512, "block_length": 512, "steps": 512,
+                                     "gen_length": 512, "block_length": 512,
                                      "confidence_eos_eot_inf": True}
     assert kwargs["gsm8k_0shot_dllm"] == {"until": [], "do_sample": False, "max_gen_toks": 256, "gen_length": 256,
-                                          "block_length": 32, "steps": 256}
+                                          "block_length": 32}
     assert {n: t.config.num_fewshot for n, t in gsm8k_tasks.items()} == {
         "gsm8k_fastdllm": 5, "gsm8k_llada": 4, "gsm8k_0shot_dllm": 0}
 

@@ -148,7 +148,7 @@ def test_prompt_mirrors_lm_eval_humaneval_instruct(humaneval_task, llada_dir):
         f"{prompt.rstrip()}"
     )
     assert inst.args[1] == {"until": [], "do_sample": False, "max_gen_toks": 512, "gen_length": 512,
-                            "block_length": 512, "steps": 512, "logits_eos_inf": True}
+                            "block_length": 512, "logits_eos_inf": True}
 
 
 def run_task_on(task, responses):

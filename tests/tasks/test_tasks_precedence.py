@@ -1,9 +1,8 @@
 """Which decoding settings win: a task's generation_kwargs, the user's --gen_kwargs, or the user's --model_args.
 
 The rule (lmeval_dllm/lm.py, docs/tasks.md): ``--model_args`` > task generation_kwargs with ``--gen_kwargs`` merged
-in by lm-eval (``--gen_kwargs`` replaces the task's value of the same key) > defaults. A task's step count
-(``steps`` / ``num_transfer_tokens``) belongs to the task's ``gen_length``: it is dropped when ``--model_args``
-sets ``gen_length``, ``steps`` or ``num_transfer_tokens``.
+in by lm-eval (``--gen_kwargs`` replaces the task's value of the same key) > defaults. Tasks carry no step count: one token
+per step (the default) is every protocol's setting, so a user's ``gen_length`` never meets a stale ``steps``.
 """
 
 from __future__ import annotations
@@ -38,13 +37,14 @@ def dllm(llada_dir, **model_args):
 
 @pytest.mark.parametrize("model_args, cli, expected", [
     # (gen_length, block_length, steps, num_transfer_tokens, logits_eos_inf, confidence_eos_eot_inf)
-    ({}, {}, (256, 32, 256, None, False, False)),                                  # the task's protocol
-    ({}, {"gen_length": 64, "steps": 64}, (64, 32, 64, None, False, False)),       # --gen_kwargs over the task
-    ({"gen_length": 512}, {}, (512, 32, None, None, False, False)),                # task steps dropped: 1 / step
+    ({}, {}, (256, 32, None, None, False, False)),                                 # the task's protocol, 1 / step
+    ({}, {"gen_length": 64, "steps": 32}, (64, 32, 32, None, False, False)),       # --gen_kwargs over the task
+    ({}, {"gen_length": 64}, (64, 32, None, None, False, False)),
+    ({"gen_length": 512}, {}, (512, 32, None, None, False, False)),                # --model_args over the task
     ({"steps": 64}, {}, (256, 32, 64, None, False, False)),
-    ({"num_transfer_tokens": 2}, {}, (256, 32, None, 2, False, False)),           # replaces the task's steps
+    ({"num_transfer_tokens": 2}, {}, (256, 32, None, 2, False, False)),
     ({"gen_length": 128, "block_length": 64}, {"gen_length": 64, "block_length": 16, "steps": 64},
-     (128, 64, None, None, False, False)),                                         # --model_args over --gen_kwargs
+     (128, 64, 64, None, False, False)),                                           # --model_args over --gen_kwargs
     ({"block_length": 8}, {"gen_length": 64, "steps": 64}, (64, 8, 64, None, False, False)),
 ])
 def test_fastdllm_settings(tasks, llada_dir, model_args, cli, expected):
@@ -53,17 +53,17 @@ def test_fastdllm_settings(tasks, llada_dir, model_args, cli, expected):
 
 def test_eos_options_travel_with_the_task_and_yield_to_model_args(tasks, llada_dir):
     lm = dllm(llada_dir)
-    assert resolved(lm, gen_kwargs(tasks, "gsm8k_llada")) == (512, 512, 512, None, False, True)
-    assert resolved(lm, gen_kwargs(tasks, "reversal_poem_forward")) == (28, 28, 28, None, True, False)
+    assert resolved(lm, gen_kwargs(tasks, "gsm8k_llada")) == (512, 512, None, None, False, True)
+    assert resolved(lm, gen_kwargs(tasks, "reversal_poem_forward")) == (28, 28, None, None, True, False)
     off = dllm(llada_dir, logits_eos_inf=False, confidence_eos_eot_inf=False)
     assert resolved(off, gen_kwargs(tasks, "gsm8k_llada"))[4:] == (False, False)
     assert resolved(off, gen_kwargs(tasks, "reversal_poem_forward"))[4:] == (False, False)
 
 
-def test_task_step_count_must_fit_a_gen_length_changed_in_gen_kwargs(tasks, llada_dir):
-    """--gen_kwargs only replaces keys: shortening gen_length there without steps is refused, loudly."""
+def test_a_step_budget_must_fit_the_gen_length(tasks, llada_dir):
+    """A user's steps larger than the gen_length in force is refused, loudly, naming both."""
     with pytest.raises(ValueError, match="steps=256 must be at most gen_length=64"):
-        resolved(dllm(llada_dir), gen_kwargs(tasks, "gsm8k_fastdllm", gen_length=64))
+        resolved(dllm(llada_dir, steps=256), gen_kwargs(tasks, "gsm8k_fastdllm", gen_length=64))
 
 
 def test_generation_records_the_gen_length_used(tasks, llada_dir):

@@ -43,9 +43,9 @@ def test_one_user_turn_through_the_chat_template(poem_tasks, llada_dir, name, qu
                                 m, tokenize=False, add_generation_prompt=add_generation_prompt))
     (inst,) = task.instances
     assert inst.args[0] == f"<|startoftext|>{USER}\n\n{question} 直接输出句子即可。<|eot_id|>{ASSISTANT}\n\n"
-    # Greedy, 28 tokens, one block of 28, 28 steps, EOS logit -inf (LLaDA's --eos_inf).
+    # Greedy, 28 tokens, one block of 28, one token per step (28 steps), EOS logit -inf (LLaDA's --eos_inf).
     assert inst.args[1] == {"until": [], "do_sample": False, "max_gen_toks": 28, "gen_length": 28,
-                            "block_length": 28, "steps": 28, "logits_eos_inf": True}
+                            "block_length": 28, "logits_eos_inf": True}
 
 
 @pytest.mark.parametrize("output, forward_acc, reverse_acc", [
