@@ -144,7 +144,7 @@ def generate(
                 break
             state.active = active
             span = state.block if sampler.logits_span == "block" else slice(P, P + G)
-            logits = cache.forward(model, state, span).float()  # (B, L, V)
+            logits = sampler.forward(model, cache, state, span).float()  # (B, L, V)
             out = sampler.step(logits, state)
             # Only masked positions of active rows can be committed; only decoded ones re-masked.
             cols = state.x[:, span]

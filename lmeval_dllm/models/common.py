@@ -207,8 +207,9 @@ class DiffusionLM(nn.Module):
             input_ids (`torch.LongTensor` of shape `(B, Q)`): the rows to run (the whole canvas, or the subset
                 a cache recomputes).
             position_ids (`torch.LongTensor` of shape `(B, Q)`): RoPE positions of those rows.
-            attention_mask (`torch.BoolTensor` of shape `(B, T)`, *optional*): key-padding mask over the keys
-                attended to (T = Q without a cache, the full canvas with one); True = real token.
+            attention_mask (`torch.BoolTensor`, *optional*): True = may attend. Either a key-padding mask
+                `(B, T)` over the keys attended to (T = Q without a cache, the full canvas with one), or a full
+                mask `(B, 1, Q, T)` for structured attention (e.g. WINO's leave-one-out shadow block).
             cache: per-layer K/V store (see ``lmeval_dllm.caches``).
             logits_index: which of the Q rows get logits; all when None. The LM head is the largest matmul of
                 a step (126k x 4096 for LLaDA), so it only runs where a sampler looks.
@@ -218,7 +219,9 @@ class DiffusionLM(nn.Module):
         """
         h = self.tok_embeddings(input_ids)  # (B, Q, D)
         cos, sin = self.rope(position_ids)
-        mask = attention_mask[:, None, None, :] if attention_mask is not None else None  # (B, 1, 1, T)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2:
+            mask = mask[:, None, None, :]  # (B, 1, 1, T)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)
         if logits_index is not None:

@@ -84,6 +84,11 @@ class Sampler:
     def begin_block(self, state: DecodeState) -> None:
         """Called at the start of every block."""
 
+    def forward(self, model, cache, state: DecodeState, span: slice) -> torch.Tensor:
+        """Logits (B, len(span), V) for this step. The default asks the cache (the usual forward pass); a
+        sampler that needs a different input (WINO's shadow block) overrides this."""
+        return cache.forward(model, state, span)
+
     def step(self, logits: torch.Tensor, state: DecodeState) -> StepOutput:
         """Decide what to commit.
 
