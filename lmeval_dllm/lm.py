@@ -199,8 +199,11 @@ class DLLM(TemplateLM):
         import transformers
 
         try:
+            # An empty config: the tokenizer class comes from tokenizer_config.json, and transformers does not try
+            # (and warn about failing) to build a config for a model_type it does not know.
             tok = transformers.AutoTokenizer.from_pretrained(
-                pretrained, revision=revision, trust_remote_code=self.trust_remote_code
+                pretrained, revision=revision, trust_remote_code=self.trust_remote_code,
+                config=transformers.PretrainedConfig(),
             )
         except ValueError as e:
             if "trust_remote_code" in str(e) and not self.trust_remote_code:
