@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.models.utils import Collator, handle_stop_sequences
 from tqdm import tqdm
 
 from lmeval_dllm.caches import build_cache, cache_class, cache_params
@@ -47,8 +47,9 @@ LOOP_PARAMS: dict[str, tuple[Any, Any]] = {
     "block_length": (Optional[int], DEFAULT_BLOCK_LENGTH),
 }
 PROPOSAL_PARAMS = keyword_params(Proposal.from_params)
-# Standard lm-eval generation kwargs we understand besides the decoding parameters.
-LM_EVAL_GEN_KWARGS = ("until", "max_gen_toks", "do_sample")
+# lm-eval's spellings of the generation budget, by priority (as lm-eval's own normalize_gen_kwargs orders them).
+MAX_TOKENS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+DEFAULT_MAX_GEN_TOKS = 256
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -172,10 +173,7 @@ class DLLM(TemplateLM):
 
     def _decoding_for(self, gen_kwargs: dict) -> tuple[GenerationConfig, Any, list[str]]:
         """Resolve one request group's settings: user's --model_args > task gen kwargs > defaults."""
-        kwargs = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
-        until = kwargs.pop("until", None)
-        max_gen_toks = kwargs.pop("max_gen_toks")
-        kwargs.pop("do_sample", None)
+        kwargs, until, max_gen_toks = split_gen_kwargs(gen_kwargs)
         task = self._check_decoding(kwargs, source="the task's generation_kwargs / --gen_kwargs")
         params = {**task, **self.user_decoding}
         gen_length = params.get("gen_length") or max_gen_toks
@@ -398,6 +396,24 @@ class DLLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("loglikelihood_rolling requests are not supported by the dllm model yet")
+
+
+def split_gen_kwargs(gen_kwargs: dict) -> tuple[dict, list[str], int]:
+    """A request's generation kwargs -> (decoding parameters, stop strings, max_gen_toks).
+
+    lm-eval's standard keys: ``until``; ``max_gen_toks`` (or ``max_new_tokens`` / ``max_tokens`` /
+    ``max_completion_tokens``); ``do_sample`` (False forces ``temperature=0``, as lm-eval does). Everything else is
+    returned as a decoding parameter, to be validated. The task's lists are never modified.
+    """
+    kwargs = dict(gen_kwargs)
+    until = kwargs.pop("until", None)
+    until = [until] if isinstance(until, str) else list(until or [])
+    budgets = [kwargs.pop(k) for k in MAX_TOKENS_KEYS if k in kwargs]
+    budgets = [b for b in budgets if b is not None]
+    max_gen_toks = int(coerce("max_gen_toks", budgets[0], int)) if budgets else DEFAULT_MAX_GEN_TOKS
+    if kwargs.pop("do_sample", None) is False:
+        kwargs["temperature"] = 0.0
+    return kwargs, until, max_gen_toks
 
 
 def _cache_names():

@@ -148,3 +148,15 @@ def test_model_info_for_results_json(llada_dir):
     info = make(llada_dir, stats_path="x.jsonl").get_model_info()
     assert info["dllm_strategy"] == "vanilla" and info["dllm_cache"] == "none" and info["dllm_stats_path"] == "x.jsonl"
     assert info["dllm_stats"] == {"requests": 0}
+
+
+def test_split_gen_kwargs_standard_keys_and_no_mutation():
+    from lmeval_dllm.lm import split_gen_kwargs
+
+    task = {"until": ["Q:"], "max_new_tokens": 64, "do_sample": False, "temperature": 0.7, "gen_length": 32}
+    kwargs, until, budget = split_gen_kwargs(task)
+    assert (kwargs, until, budget) == ({"temperature": 0.0, "gen_length": 32}, ["Q:"], 64)
+    until.append("<eos>")
+    assert task["until"] == ["Q:"]  # the task's list is untouched
+    assert split_gen_kwargs({"until": "\n"}) == ({}, ["\n"], 256)
+    assert split_gen_kwargs({"do_sample": True, "temperature": 0.5})[0] == {"temperature": 0.5}
