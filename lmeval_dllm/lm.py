@@ -414,7 +414,9 @@ class DLLM(TemplateLM):
                     f"({len(encoded[i]) + config.gen_length} positions)")
 
         return split_on_oom(lambda lo, hi: self._decode(encoded[lo:hi], config, sampler, until), 0, len(encoded),
-                            join=lambda parts: parts[0] + parts[1], describe=describe, on_split=self._note_split)
+                            join=lambda parts: parts[0] + parts[1], describe=describe, on_split=self._note_split,
+                            hint="; lower gen_length or the prompt length (max_length with truncation=True), use "
+                                 "a cache, or a GPU with more memory")
 
     def _fit_prompt(self, context: str, ids: list[int], gen_length: int) -> list[int]:
         """The prompt's ids if prompt + generation fit in ``max_length``; else its last tokens if
@@ -580,7 +582,8 @@ class DLLM(TemplateLM):
 
             return split_on_oom(counted, 0, n, join=torch.cat, on_split=self._note_split,
                                 describe=lambda i: f"one Monte-Carlo sample of {n_tokens} tokens (context "
-                                                   f"{len(context)} + continuation {len(continuation)})")
+                                                   f"{len(context)} + continuation {len(continuation)})",
+                                hint="; lower max_length (with truncation=True), or use a GPU with more memory")
 
         start = time.perf_counter()
         ll = estimate(self.model, context, continuation, self.estimator, seed=self.seed, anchor_ids=anchor,
@@ -614,13 +617,15 @@ def split_on_oom(
     *,
     join: Callable[[list[T]], T],
     describe: Callable[[int], str],
+    hint: str = "",
     on_split: Callable[[int], None] = lambda n: None,
 ) -> T:
     """``run(lo, hi)`` over items [lo, hi); on a CUDA out-of-memory error, free the cached memory and run the two
     halves separately, recursively, down to single items.
 
     Every item gets exactly one result, in order (``join`` concatenates the halves' results). An item that does
-    not fit even alone raises ``torch.cuda.OutOfMemoryError`` with ``describe(item)``. Other errors pass through.
+    not fit even alone raises ``torch.cuda.OutOfMemoryError`` with ``describe(item)`` and ``hint``. Other errors
+    pass through.
     """
     message = None
     try:
@@ -630,14 +635,11 @@ def split_on_oom(
     # Outside the handler, so the exception's traceback (and the tensors its frames hold) is already released.
     _release_memory()
     if hi - lo == 1:
-        raise torch.cuda.OutOfMemoryError(
-            f"{describe(lo)} does not fit in GPU memory even alone ({message}); lower gen_length / the prompt "
-            f"length (max_length, truncation=True), use a cache, or a GPU with more memory"
-        )
+        raise torch.cuda.OutOfMemoryError(f"{describe(lo)} does not fit in GPU memory even alone ({message}){hint}")
     mid = (lo + hi) // 2
     on_split(hi - lo)
-    return join([split_on_oom(run, lo, mid, join=join, describe=describe, on_split=on_split),
-                 split_on_oom(run, mid, hi, join=join, describe=describe, on_split=on_split)])
+    kw = dict(join=join, describe=describe, hint=hint, on_split=on_split)
+    return join([split_on_oom(run, lo, mid, **kw), split_on_oom(run, mid, hi, **kw)])
 
 
 def _release_memory() -> None:
