@@ -4,9 +4,10 @@ A masked diffusion model has no left-to-right factorisation, so log p(r | c) of 
 after a context c is not a sum of per-token terms. The LLaDA paper (Nie et al., arXiv:2502.09992, Sec. 2.4,
 the lower-variance form of the conditional bound) evaluates instead
 
-    log p(r | c) >= E_{l ~ U{1..L}} E_{S ⊆ positions of r, |S| = l} [ (L / l) Σ_{j ∈ S} log p(r_j | c, r with S masked) ]
+    log p(r | c) >= E_{l ~ U{1..L}} E_{|S| = l} [ (L / l) Σ_{j ∈ S} log p(r_j | c, r with S masked) ]
 
-and estimates the expectation with ``mc_num`` Monte-Carlo samples; the context is never masked. Two samplers of
+(S a uniformly random set of l positions of r), and estimates the expectation with ``mc_num`` Monte-Carlo
+samples; the context is never masked. Two samplers of
 the masked set S are implemented, one per family's released evaluation code:
 
 - ``llada`` (ML-GSAI/LLaDA ``get_log_likelihood.py``): samples come in groups of ``mc_batch_size``. In a group,

@@ -525,9 +525,11 @@ class DLLM(TemplateLM):
         out = []
         for (key, _, _), (ctx, cont) in zip(requests, tqdm(pairs, disable=disable_tqdm or self.rank != 0,
                                                             desc="dllm loglikelihood")):
-            ll = self._estimate(ctx, cont, anchor)
-            greedy = self.is_check_greedy and self._greedy(ctx, cont, anchor)
-            out.append((ll, bool(greedy)))
+            if not cont:  # nothing to score: log p(empty) = 0, and decoding nothing reproduces it
+                out.append((0.0, True))
+            else:
+                greedy = self.is_check_greedy and self._greedy(ctx, cont, anchor)
+                out.append((self._estimate(ctx, cont, anchor), greedy))
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, out[-1])
         self._log_stats()
@@ -552,9 +554,7 @@ class DLLM(TemplateLM):
 
     def _fit_pair(self, context: list[int], continuation: list[int], anchor: list[int]) -> tuple[list, list]:
         """Context and continuation ids that fit in ``max_length`` (context cut on the left when
-        ``truncation=True``); a continuation is never cut."""
-        if not continuation:
-            raise ValueError("a loglikelihood request with an empty continuation: there is nothing to score")
+        ``truncation=True``); a continuation is never cut (an empty one is scored 0 without the model)."""
         room = self.max_length - len(continuation) - len(anchor)
         if room < 1:
             raise ValueError(f"continuation of {len(continuation)} tokens does not fit in max_length="

@@ -58,7 +58,8 @@ def dream_expectation(subsets: dict, L: int, eps: float) -> float:
 
     def w(k):
         a, c = k - 1, L - k  # ∫ p^a (1-p)^c dp expanded binomially
-        return sum(math.comb(c, r) * (-1) ** r * (1 - eps ** (a + r + 1)) / (a + r + 1) for r in range(c + 1)) / (1 - eps)
+        terms = (math.comb(c, r) * (-1) ** r * (1 - eps ** (a + r + 1)) / (a + r + 1) for r in range(c + 1))
+        return sum(terms) / (1 - eps)
 
     return sum(w(len(S)) * v for S, v in subsets.items())
 

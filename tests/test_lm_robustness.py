@@ -112,6 +112,7 @@ def test_likelihood_lengths(llada_dir):
     with pytest.raises(ValueError, match="continuation of 10 tokens does not fit in max_length=10 with at least one "
                                          "context token"):
         lm.loglikelihood([ll_req("x", "y" * 10)])
+    assert lm._loglikelihood_tokens([(("a", ""), [97], [])], disable_tqdm=True) == [(0.0, True)]  # nothing to score
     cut = DLLM(pretrained=llada_dir, mc_num=4, mc_batch_size=4, max_length=10, truncation=True)
     [(value, _)] = cut.loglikelihood([ll_req("0123456789AB", "abc")], disable_tqdm=True)
     est = MonteCarloLikelihood(scheme="llada", mc_num=4, mc_batch_size=4)
@@ -216,7 +217,8 @@ def test_prompt_longer_than_max_length(llada_dir):
             f"prompt of 30 tokens + gen_length=8 exceeds max_length=20 (prompt starts {prompt!r}); raise max_length, "
             "shorten the prompt, or pass truncation=True to keep its last 12 tokens")):
         DLLM(pretrained=llada_dir, max_length=20).generate_until([gen_req(prompt)], disable_tqdm=True)
-    cut = DLLM(pretrained=llada_dir, max_length=20, truncation=True).generate_until([gen_req(prompt)], disable_tqdm=True)
+    cut = DLLM(pretrained=llada_dir, max_length=20, truncation=True).generate_until([gen_req(prompt)],
+                                                                                  disable_tqdm=True)
     assert cut == DLLM(pretrained=llada_dir).generate_until([gen_req(prompt[-12:])], disable_tqdm=True)
     with pytest.raises(ValueError, match="gen_length=24 leaves no room for a prompt in max_length=20"):
         DLLM(pretrained=llada_dir, max_length=20, truncation=True).generate_until([gen_req("x", 24)])
@@ -231,7 +233,8 @@ def test_empty_prompt(llada_dir, dream_dir):
                                          "needs at least one prompt token \\(e.g. BOS: add_bos_token=True\\)"):
         DLLM(pretrained=dream_dir).generate_until([gen_req("")], disable_tqdm=True)
     bos = DLLM(pretrained=dream_dir, add_bos_token=True)
-    assert bos.tok_encode("") == [bos.tokenizer.bos_token_id] and bos.tok_encode("a") == [bos.tokenizer.bos_token_id, 97]
+    bos_id = bos.tokenizer.bos_token_id
+    assert bos.tok_encode("") == [bos_id] and bos.tok_encode("a") == [bos_id, 97]
     assert len(bos.generate_until([gen_req(""), gen_req("a")], disable_tqdm=True)) == 2
 
 
