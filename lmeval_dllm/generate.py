@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache
+from lmeval_dllm.caches.base import Cache, check_compatible
 from lmeval_dllm.models.common import DiffusionLM
 from lmeval_dllm.samplers.base import DecodeState, Sampler
 
@@ -110,6 +110,8 @@ def generate(
             decoded text contains a stop string"; rows it marks are finished.
     """
     sampler.validate_lengths(config.gen_length, config.block_length)
+    cache = cache if cache is not None else Cache()
+    check_compatible(sampler, cache)
     device = model.device
     B, P = prompt_ids.shape
     G, mask_id = config.gen_length, model.mask_token_id
@@ -126,7 +128,6 @@ def generate(
         stop_token_ids=stop_token_ids.to(device), generator=generator,
         decoded_at=torch.full((B, P + G), -1, dtype=torch.long, device=device),
     )
-    cache = cache if cache is not None else Cache()
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     committed = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -149,6 +150,8 @@ def generate(
             # Only masked positions of active rows can be committed; only decoded ones re-masked.
             cols = state.x[:, span]
             commit = out.commit & (cols == mask_id) & active[:, None]
+            if state.fresh is not None:  # a cache skipped these columns: their logits are placeholders
+                commit &= state.fresh[:, span]
             new = torch.where(commit, out.tokens, cols)
             stamp = torch.where(commit, state.step, state.decoded_at[:, span])
             if out.remask is not None:

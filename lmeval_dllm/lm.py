@@ -34,7 +34,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lmeval_dllm.caches import build_cache, cache_class, cache_params
+from lmeval_dllm.caches import build_cache, cache_class, cache_params, check_compatible
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.likelihood import MonteCarloLikelihood, estimate, greedy_matches
 from lmeval_dllm.params import coerce, did_you_mean, keyword_params
@@ -141,8 +141,10 @@ class DLLM(TemplateLM):
         self.strategy = strategy
         sampler_class(strategy)
         self.cache_name = None if cache in (None, "none") else cache
-        cache_class(self.cache_name)
-        cache_kwargs = {k: decoding.pop(k) for k in list(decoding) if k in cache_params(self.cache_name)}
+        check_compatible(sampler_class(strategy), cache_class(self.cache_name))
+        # A name both the cache and the strategy take (d2cache's and the certainty prior's `sigma`) goes to both.
+        cache_kwargs = {k: decoding[k] if k in sampler_params(strategy) else decoding.pop(k)
+                        for k in list(decoding) if k in cache_params(self.cache_name)}
         self.user_decoding = self._check_decoding(decoding, source="--model_args")
         self._build_decoding(self.user_decoding, gen_length=self.user_decoding.get("gen_length"))
         self.cache = build_cache(self.cache_name, **cache_kwargs)

@@ -36,6 +36,9 @@ class DecodeState:
     step: int = 0  # forward passes made in this call
     generator: Optional[torch.Generator] = None
     sampler_state: dict[str, Any] = field(default_factory=dict)  # per-call memory of the sampler
+    # (B, T) bool: columns whose logits in this step are real predictions. A cache that recomputes only some
+    # positions (d2Cache) sets it; the others come back as zero logits and must not be committed. None = all.
+    fresh: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -46,8 +49,11 @@ class DecodeState:
         return self.x.shape[1] - self.prompt_len
 
     def candidates(self, span: slice) -> torch.Tensor:
-        """(B, len(span)) bool: masked positions of active rows inside ``span`` (the current block)."""
+        """(B, len(span)) bool: masked positions of active rows inside ``span`` (the current block) whose
+        logits this step are real predictions (see ``fresh``)."""
         cand = self.x[:, span] == self.mask_token_id
+        if self.fresh is not None:
+            cand = cand & self.fresh[:, span]
         return cand if self.active is None else cand & self.active[:, None]
 
 
@@ -68,11 +74,16 @@ class Sampler:
 
     - ``can_remask``: the sampler may turn decoded tokens back into masks (WINO).
     - ``logits_span``: "block" (logits of the current block) or "generation" (the whole generation region).
+    - ``cache_needs``: what the strategy asks of a cache beyond the usual forward (``lmeval_dllm.caches.FEATURES``):
+      ``"extra_rows"`` (runs rows that are not part of the canvas, e.g. WINO's shadow block, through
+      ``cache.forward(..., extra=ExtraRows(...))``), ``"resize"`` (changes the canvas length while decoding, e.g.
+      DAEDAL). A cache that lacks one is rejected up front with the reason.
     """
 
     name: ClassVar[str] = ""
     can_remask: ClassVar[bool] = False
     logits_span: ClassVar[str] = "block"
+    cache_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, proposal: "Proposal"):
         self.proposal = proposal
