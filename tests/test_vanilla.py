@@ -82,11 +82,3 @@ def test_unknown_strategy_suggests():
     with pytest.raises(ValueError, match="unknown strategy 'vanila'; did you mean 'vanilla'\\? available: vanilla"):
         build_sampler("vanila", Proposal.from_params())
 
-
-def test_params_accept_pep604_optionals():
-    from lmeval_dllm.params import coerce
-
-    assert coerce("x", "0.5", float | None) == 0.5
-    assert coerce("x", "none", int | None) is None
-    with pytest.raises(ValueError, match="x='a': expected an integer or None"):
-        coerce("x", "a", int | None)
