@@ -26,6 +26,8 @@ CONFIG = GenerationConfig(gen_length=64, block_length=32)
 # test split, doc 89: the answer's two numbers must agree, which parallel decoding can break
 SHARE_Q = "Raj shares 140 cookies equally among 5 friends. How many cookies does each friend get?"
 SHARE_A = "140 / 5 = 28\n#### 28"
+# test split, doc 2: the answer runs past the first 32-token block
+TWO_STEP_Q = "Mia has 89 cookies. She buys 35 more, then gives 80 to Jack. How many cookies does Mia have now?"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def test_bundled_checkpoint_is_small_and_in_the_official_llada_layout():
     assert sum(os.path.getsize(os.path.join(TINY, f)) for f in files) <= 10 * 2**20
     with open(os.path.join(TINY, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    assert (config["model_type"], config["d_model"], config["n_layers"], config["mask_token_id"]) == ("llada", 256, 6, 261)
+    dims = (config["model_type"], config["d_model"], config["n_layers"], config["mask_token_id"])
+    assert dims == ("llada", 256, 6, 261)
     with open(os.path.join(TINY, "model.safetensors.index.json"), encoding="utf-8") as f:
         names = json.load(f)["weight_map"]
     assert "model.transformer.blocks.5.q_proj.weight" in names and "model.transformer.ff_out.weight" in names
@@ -89,10 +92,10 @@ def test_end_to_end_through_lm_eval_with_the_short_name():
     lm = DLLM(pretrained="tiny-llada", threshold=0.9, batch_size=2)
     gen_kwargs = {"until": ["Question:"], "do_sample": False, "temperature": 0.0, "gen_length": 64,
                   "block_length": 32}
-    questions = [SHARE_Q, "Mia has 89 cookies. She buys 35 more, then gives 80 to Jack. How many cookies does Mia have now?",
+    questions = [SHARE_Q, TWO_STEP_Q,
                  "Omar shares 198 balloons equally among 9 friends. How many balloons does each friend get?"]
-    requests = [Instance("generate_until", {}, (lm.apply_chat_template([{"role": "user", "content": q}]), gen_kwargs), i)
-                for i, q in enumerate(questions)]
+    contexts = [lm.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+    requests = [Instance("generate_until", {}, (c, gen_kwargs), i) for i, c in enumerate(contexts)]
     assert lm.generate_until(requests, disable_tqdm=True) == [
         SHARE_A, "89 + 35 = 124\n124 - 80 = 44\n#### 44", "198 / 9 = 22\n#### 22"]
     stats = lm.get_model_info()["dllm_stats"]
