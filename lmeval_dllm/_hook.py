@@ -1,10 +1,12 @@
-"""Registers ``--model dllm`` with lm-eval lazily, without lm-eval knowing about us.
+"""Registers ``--model dllm`` (and ``--model hf_ar``, the AR baseline) with lm-eval lazily, without lm-eval
+knowing about us.
 
 lm-eval (0.4.x) discovers no plugins: a model is found only if something imported its module before the
 registry is queried. The installed ``lmeval_dllm_hook.pth`` runs ``import lmeval_dllm._hook`` at interpreter
 start. That import costs microseconds: it puts one finder on ``sys.meta_path`` and imports nothing else.
 When (and only when) ``lm_eval.api.registry`` is imported, the finder lets the real module load and then adds
-a *lazy* entry ``dllm -> lmeval_dllm.lm:DLLM``. torch and our code are imported only if ``dllm`` is used.
+a *lazy* entry per model (``dllm -> lmeval_dllm.lm:DLLM``, ``hf_ar -> lmeval_dllm.hf_ar:TimedHFLM``). torch and
+our code are imported only if one of them is used.
 """
 
 from __future__ import annotations
@@ -13,24 +15,28 @@ import importlib.machinery
 import sys
 
 _TARGET = "lm_eval.api.registry"
-MODEL_NAME = "dllm"
-MODEL_PATH = "lmeval_dllm.lm:DLLM"
+MODELS = {
+    "dllm": "lmeval_dllm.lm:DLLM",
+    "hf_ar": "lmeval_dllm.hf_ar:TimedHFLM",  # lm-eval's hf model for AR baselines on our tasks
+}
 
 
 def register(registry_module) -> None:
-    """Add the lazy ``dllm`` entry to lm-eval's model registry (idempotent)."""
+    """Add the lazy entries to lm-eval's model registry (idempotent)."""
     model_registry = getattr(registry_module, "model_registry", None)
-    if model_registry is not None:
-        if MODEL_NAME not in model_registry:
-            model_registry.register(MODEL_NAME, target=MODEL_PATH)
-    else:  # lm-eval < 0.4.10 keeps a plain dict
-        registry_module.MODEL_REGISTRY.setdefault(MODEL_NAME, _load_class())
+    for name, target in MODELS.items():
+        if model_registry is not None:
+            if name not in model_registry:
+                model_registry.register(name, target=target)
+        else:  # lm-eval < 0.4.10 keeps a plain dict
+            registry_module.MODEL_REGISTRY.setdefault(name, _load_class(target))
 
 
-def _load_class():
-    from lmeval_dllm.lm import DLLM
+def _load_class(target: str):
+    import importlib
 
-    return DLLM
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 # Plain classes, not importlib.abc subclasses: importing importlib.abc pulls in importlib.resources, pathlib,
