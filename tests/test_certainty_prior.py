@@ -68,6 +68,9 @@ def decode_order(strategy, **kw):
 
 @pytest.mark.parametrize("strategy,kw", [
     ("vanilla", {}),
+    ("pc_sampler", {"debias": False, "lambd": 0.0}),
+    ("eb_sampler", {"gamma": 0.0}),
+    ("klass", {"threshold": 1.0}),  # no position passes the gate: klass falls back to top-1 every step
 ])
 def test_small_sigma_decodes_next_to_the_prompt_first(strategy, kw):
     assert decode_order(strategy, **kw) == [1, 2, 3, 0, 4, 5, 6, 7]  # confidence first: position 3
@@ -77,12 +80,26 @@ def test_small_sigma_decodes_next_to_the_prompt_first(strategy, kw):
     assert decode_order(strategy, sigma=1e4, **kw) == [1, 2, 3, 0, 4, 5, 6, 7]
 
 
-@pytest.mark.parametrize("strategy", ["vanilla"])
+def test_sigma_scales_the_score_ar_compares_with_its_threshold():
+    # conf(6.0) = 0.93 >= 0.9, but at the masked frontier D is about 0.3-0.5, so conf * D < 0.9
+    targets, scores = [[10] * 4], [[6.0] * 4]
+
+    def ar(**kw):
+        sampler = build_sampler("ar", Proposal.from_params(), threshold=0.9, **kw)
+        return generate(ScriptedModel(targets, scores), torch.tensor([[1, 2]]), None, sampler, GenerationConfig(4, 4),
+                        stop_token_ids=STOPS).decoded_at[0].tolist()
+
+    assert ar() == [0, 0, 0, 0]
+    assert ar(sigma=1.0) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("strategy", ["vanilla", "pc_sampler", "eb_sampler", "klass", "ar"])
 @pytest.mark.parametrize("sigma,msg", [(0.0, "sigma must be a finite number > 0"), (float("nan"), "got nan"),
                                        (-1.0, "got -1.0")])
 def test_invalid_sigma(strategy, sigma, msg):
+    kw = {"threshold": 0.5} if strategy == "ar" else {"debias": False} if strategy == "pc_sampler" else {}
     with pytest.raises(ValueError, match=msg):
-        build_sampler(strategy, Proposal.from_params(), sigma=sigma)
+        build_sampler(strategy, Proposal.from_params(), sigma=sigma, **kw)
 
 
 def test_sigma_rejects_negative_entropy_confidence():
