@@ -49,19 +49,26 @@ def density_kernel(gen_length: int, sigma: float, device=None) -> torch.Tensor:
     return (torch.exp(-((j[None, :] - m[:, None]) ** 2) / (2 * sigma**2)) / z).float()
 
 
-def certainty_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
-    """decoded (B, G) bool (True = position decoded) -> D (B, G) float32 in (0, 1]."""
+def certainty_density(decoded: torch.Tensor, sigma: float, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """decoded (B, G) bool (True = position decoded) -> D (B, G) float32 in (0, 1].
+
+    ``kernel``: :func:`density_kernel` of (G, sigma), when the caller keeps one."""
     B, G = decoded.shape
     u = decoded.float()
     extended = torch.cat([u.new_ones(B, G), u, u[:, -1:].expand(B, G)], dim=1)  # (B, 3G): prompt side, u, right
-    return extended @ density_kernel(G, sigma, decoded.device)  # (B, G)
+    return extended @ (kernel if kernel is not None else density_kernel(G, sigma, decoded.device))  # (B, G)
 
 
 def apply_certainty_prior(scores: torch.Tensor, state: DecodeState, span: slice, sigma: Optional[float]) -> torch.Tensor:
     """scores (B, len(span)) of the canvas columns ``span`` -> scores * D, with D computed over the whole
-    generation region (decoded = not [MASK]). ``sigma`` None returns the scores unchanged."""
+    generation region (decoded = not [MASK]). ``sigma`` None returns the scores unchanged.
+
+    The kernel is built once per call of ``generate`` (and generation length) and kept in ``state.sampler_state``."""
     if sigma is None:
         return scores
-    P = state.prompt_len
-    density = certainty_density(state.x[:, P:] != state.mask_token_id, sigma)  # (B, G)
+    P, G = state.prompt_len, state.gen_length
+    key = f"certainty_kernel(G={G}, sigma={sigma})"
+    if key not in state.sampler_state:
+        state.sampler_state[key] = density_kernel(G, sigma, state.x.device)
+    density = certainty_density(state.x[:, P:] != state.mask_token_id, sigma, state.sampler_state[key])  # (B, G)
     return scores * density[:, span.start - P: span.stop - P]
