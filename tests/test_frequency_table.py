@@ -87,7 +87,8 @@ def test_url_is_downloaded_once(tmp_path, monkeypatch):
 
 def test_published_names_point_at_pc_sampler():
     assert set(ft.PUBLISHED_TABLES) == {"llada", "dream"}
-    assert all(u.startswith("https://raw.githubusercontent.com/NEUIR/PC-Sampler/") for u in ft.PUBLISHED_TABLES.values())
+    prefix = "https://raw.githubusercontent.com/NEUIR/PC-Sampler/"
+    assert all(u.startswith(prefix) for u in ft.PUBLISHED_TABLES.values())
 
 
 def test_command_line(llada_dir, tmp_path, capsys):

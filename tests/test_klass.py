@@ -9,6 +9,7 @@ import pytest
 import torch
 from samplers_support import MASK, peaked, state_with
 from scripted import EOS, EOT, ScriptedModel
+from scripted import MASK as SCRIPTED_MASK
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
@@ -48,15 +49,12 @@ def test_history_length_one():
 def test_unstable_or_unconfident_positions_wait_for_the_fallback():
     # the logits alternate between 6 and 6.5 as tokens are decoded: KL(step t || t-1) is 0.006-0.007
     def drift(gen, scores, cols):
-        return scores + 0.5 * ((gen != MASK_ID).sum(-1, keepdim=True) % 2)
+        return scores + 0.5 * ((gen != SCRIPTED_MASK).sum(-1, keepdim=True) % 2)
 
     assert run([[CONFIDENT] * 8], drift, kl_threshold=0.005).decoded_at[0].tolist() == list(range(8))
     assert run([[CONFIDENT] * 8], drift, kl_threshold=0.01).decoded_at[0].tolist() == [0, 1, 2, 2, 3, 4, 4, 4]
     # stable but not confident enough: only the confident ones go together; the rest one by one (fallback)
     assert run([[CONFIDENT, 2.0, CONFIDENT, CONFIDENT] * 2]).decoded_at[0].tolist() == [0, 3, 1, 2, 4, 6, 5, 5]
-
-
-MASK_ID = 31  # the scripted model's mask token
 
 
 def test_confidence_gate_is_strict():

@@ -59,7 +59,9 @@ def certainty_density(decoded: torch.Tensor, sigma: float, kernel: Optional[torc
     return extended @ (kernel if kernel is not None else density_kernel(G, sigma, decoded.device))  # (B, G)
 
 
-def apply_certainty_prior(scores: torch.Tensor, state: DecodeState, span: slice, sigma: Optional[float]) -> torch.Tensor:
+def apply_certainty_prior(
+    scores: torch.Tensor, state: DecodeState, span: slice, sigma: Optional[float]
+) -> torch.Tensor:
     """scores (B, len(span)) of the canvas columns ``span`` -> scores * D, with D computed over the whole
     generation region (decoded = not [MASK]). ``sigma`` None returns the scores unchanged.
 

@@ -87,7 +87,7 @@ class KLAdaptiveStabilitySampler(LowConfidenceSampler):
         if kl_history_length < 1:
             raise ValueError(f"kl_history_length must be an integer >= 1, got {kl_history_length}")
         # LowConfidenceSampler reads self.threshold as Fast-dLLM's rule; KLASS has its own step, so the name is free.
-        self.threshold, self.kl_threshold, self.history = threshold, kl_threshold, kl_history_length
+        self.threshold, self.kl_threshold, self.history_length = threshold, kl_threshold, kl_history_length
 
     def begin_block(self, state: DecodeState) -> None:
         super().begin_block(state)
@@ -110,13 +110,13 @@ class KLAdaptiveStabilitySampler(LowConfidenceSampler):
         prev = mem.get("p_prev")
 
         kl = kl_divergence(probs[:, :L], None if prev is None else prev[:, :L])  # (B, L)
-        history = mem["kl_history"]
+        old_history = history = mem.get("kl_history")
         if history is None:
-            history = kl.new_full((B, L, self.history), float("inf"))
+            history = kl.new_full((B, L, self.history_length), float("inf"))
         history = torch.cat([history[..., 1:], kl[..., None]], dim=-1)  # (B, L, H), newest last
         # As in the release, a position can only be stable once the block has made H steps: every KL read is then
         # measured inside this block (the first one against the previous block's last step).
-        if state.step_in_block >= self.history - 1:
+        if state.step_in_block >= self.history_length - 1:
             stable = (history < self.kl_threshold).all(-1)
         else:
             stable = torch.zeros_like(kl, dtype=torch.bool)
@@ -130,8 +130,7 @@ class KLAdaptiveStabilitySampler(LowConfidenceSampler):
         # Rows that sat out this step keep their memory, so a row decodes the same alone or in a batch.
         active = state.active if state.active is not None else torch.ones(B, dtype=torch.bool, device=kl.device)
         mem["p_prev"] = probs if prev is None else torch.where(active[:, None, None], probs, prev)
-        mem["kl_history"] = torch.where(active[:, None, None], history, mem["kl_history"]) \
-            if mem["kl_history"] is not None else history
+        mem["kl_history"] = history if old_history is None else torch.where(active[:, None, None], history, old_history)
 
         commit = torch.zeros(B, G, dtype=torch.bool, device=logits.device)
         commit[:, start:start + L] = commit_block
