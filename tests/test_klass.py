@@ -90,6 +90,22 @@ def test_memory_keeps_two_blocks_in_float32():
     assert state.sampler_state["kl_history"].shape == (2, 4, 2)
 
 
+def test_columns_a_cache_skipped_keep_their_memory():
+    """state.fresh False (a cache did not recompute the column): no commit there, p_prev and history unchanged."""
+    sampler = build_sampler("klass", Proposal.from_params(), threshold=0.0, kl_history_length=1)
+    state = state_with([[MASK] * 4], block=(0, 4))
+    sampler.begin_block(state)
+    first = torch.randn(1, 4, 10)
+    sampler.step(first, state)
+    before = state.sampler_state["p_prev"].clone()
+    state.step_in_block, state.fresh = 1, torch.tensor([[True, True, True, True, True, False]])  # prompt (2) + 4
+    out = sampler.step(first + torch.randn(1, 4, 10), state)  # every column changed, but column 3 was skipped
+    assert not out.commit[0, 3]
+    p_prev = state.sampler_state["p_prev"]
+    assert torch.equal(p_prev[0, 3], before[0, 3]) and not torch.equal(p_prev[0, 0], before[0, 0])
+    assert state.sampler_state["kl_history"][0, 3, -1].item() == math.inf  # still the first step's (no predecessor)
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"kl_threshold": 0.0}, "kl_threshold must be a finite number > 0, got 0.0"),
     ({"kl_history_length": 0}, "kl_history_length must be an integer >= 1, got 0"),

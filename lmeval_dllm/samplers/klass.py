@@ -128,10 +128,17 @@ class KLAdaptiveStabilitySampler(LowConfidenceSampler):
         fallback = top_k_mask(conf, cand, self.min_count(state))
         commit_block = torch.where(ready.any(-1, keepdim=True), ready, fallback)
 
-        # Rows that sat out this step keep their memory, so a row decodes the same alone or in a batch.
-        active = state.active if state.active is not None else torch.ones(B, dtype=torch.bool, device=kl.device)
-        mem["p_prev"] = probs if prev is None else torch.where(active[:, None, None], probs, prev)
-        mem["kl_history"] = history if old_history is None else torch.where(active[:, None, None], history, old_history)
+        # Memory moves on only where this step saw a real prediction: rows that sat out the step keep theirs (a row
+        # decodes the same alone or in a batch), and so do columns a cache did not recompute (their logits are
+        # placeholders; the KL then compares with the column's last recomputed distribution).
+        W = probs.shape[1]
+        seen = torch.ones(B, W, dtype=torch.bool, device=kl.device)  # (B, W)
+        if state.active is not None:
+            seen = seen & state.active[:, None]
+        if state.fresh is not None:
+            seen = seen & state.fresh[:, state.block.start:state.block.start + W]
+        mem["p_prev"] = probs if prev is None else torch.where(seen[..., None], probs, prev)
+        mem["kl_history"] = history if old_history is None else torch.where(seen[:, :L, None], history, old_history)
 
         commit = torch.zeros(B, G, dtype=torch.bool, device=logits.device)
         commit[:, start:start + L] = commit_block
