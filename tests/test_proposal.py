@@ -84,6 +84,19 @@ def test_random_remasking_priority():
     assert out.confidence.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("params", [{}, {"alg": "maskgit_plus"}])
+def test_float64_confidence_separates_probabilities_near_one(params):
+    """float32 rounds both to 1.0 (a tie); float64, as KLASS's release computes them, keeps them apart."""
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 1], logits[0, 1, 2] = 25.0, 30.0
+    p32 = Proposal.from_params(**params)(logits)
+    assert p32.confidence.dtype == torch.float32 and p32.confidence.tolist() == [[1.0, 1.0]]
+    p64 = Proposal.from_params(**params)(logits, need_probs=True, dtype=torch.float64)
+    assert p64.confidence.dtype == torch.float64 and p64.probs.dtype == torch.float64
+    assert p64.confidence[0, 0].item() < p64.confidence[0, 1].item() < 1.0
+    assert p64.tokens.tolist() == p32.tokens.tolist() == [[1, 2]]
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"temperature": -1.0}, "temperature must be a finite number >= 0, got -1.0"),
     ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),

@@ -8,12 +8,20 @@ from __future__ import annotations
 from typing import Any
 
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
+from lmeval_dllm.samplers.ar import LeftToRightSampler
 from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
+from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
+from lmeval_dllm.samplers.pc_sampler import PCSampler
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "vanilla": LowConfidenceSampler,  # LLaDA low-confidence remasking + Fast-dLLM threshold / factor
+    "pc_sampler": PCSampler,  # PC-Sampler: position-aware weighting + frequency-calibrated confidence
+    "eb_sampler": EntropyBoundSampler,  # EB-Sampler: entropy-bounded number of tokens per step
+    "klass": KLAdaptiveStabilitySampler,  # KLASS: commit positions whose distribution is stable and confident
+    "ar": LeftToRightSampler,  # left-to-right order inside the dLLM (baseline)
 }
 
 

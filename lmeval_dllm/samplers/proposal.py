@@ -27,8 +27,8 @@ ALGS = ("maskgit_plus", "topk_margin", "entropy")
 
 class Proposed(NamedTuple):
     tokens: torch.Tensor  # (B, L) long
-    confidence: torch.Tensor  # (B, L) float32
-    probs: Optional[torch.Tensor]  # (B, L, V) float32 filtered distribution, when asked for
+    confidence: torch.Tensor  # (B, L) float32 (or the dtype asked for)
+    probs: Optional[torch.Tensor]  # (B, L, V) filtered distribution, when asked for (same dtype)
 
 
 @dataclass(frozen=True)
@@ -122,9 +122,14 @@ class Proposal:
         return logits
 
     def __call__(
-        self, logits: torch.Tensor, generator: Optional[torch.Generator] = None, need_probs: bool = False
+        self, logits: torch.Tensor, generator: Optional[torch.Generator] = None, need_probs: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> Proposed:
-        """logits (B, L, V) float32 -> tokens (B, L), confidence (B, L) [, probs (B, L, V)]."""
+        """logits (B, L, V) float32 -> tokens (B, L), confidence (B, L) [, probs (B, L, V)].
+
+        ``dtype``: precision of the confidence and probabilities (float32; float64 where a paper's release computes
+        them so, e.g. KLASS: in float32 every probability above 1 - 6e-8 rounds to 1.0 and ties)."""
+        logits = logits.to(dtype)
         if self.logits_eos_inf:
             logits = logits.clone()
             logits[..., self.eos_token_id] = float("-inf")
@@ -142,8 +147,9 @@ class Proposal:
             conf_src[..., self._suppressed()] = float("-inf")
         probs = None
         if self.confidence == "low_confidence":
-            logp = conf_src.gather(-1, tokens[..., None]).squeeze(-1) - torch.logsumexp(conf_src, dim=-1)
-            confidence = logp.exp()
+            # softmax then gather, as LLaDA's generate.py (and PC-Sampler's, KLASS's): exp(l - logsumexp) rounds
+            # differently near p = 1, which turns some of the releases' distinct confidences into ties.
+            confidence = torch.softmax(conf_src, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
         elif self.confidence == "random":
             confidence = torch.rand(tokens.shape, device=tokens.device, generator=generator)
         else:
@@ -159,4 +165,4 @@ class Proposal:
                 probs = p
         if need_probs and probs is None:
             probs = torch.softmax(filtered, dim=-1)
-        return Proposed(tokens, confidence.float(), probs)
+        return Proposed(tokens, confidence.to(dtype), probs)

@@ -8,6 +8,8 @@
 - Fast-dLLM (Wu et al., arXiv:2505.22618; NVlabs/Fast-dLLM ``llada/generate.py``): ``threshold`` commits every
   candidate whose confidence is >= threshold; ``factor`` commits the longest prefix of the ranked candidates
   with c_(n) >= 1 - factor / (n + 1). Both commit at least the schedule's count (at least one token).
+- ``sigma`` (d2Cache's certainty prior, ``certainty_prior.py``) multiplies the confidence by the density of decoded
+  positions around each position; ranking, threshold and factor then apply to that product.
 
 Deviations from the released code (docs/strategies.md): ties are broken by the lower position (torch.topk's
 order is unspecified); the factor rule commits exactly the accepted prefix (the released code also commits the
@@ -22,7 +24,8 @@ from typing import Optional
 import torch
 
 from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, factor_count, threshold_mask, top_k_mask
-from lmeval_dllm.samplers.proposal import Proposal
+from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior, check_sigma
+from lmeval_dllm.samplers.proposal import Proposal, Proposed
 
 
 def linear_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -43,6 +46,8 @@ class LowConfidenceSampler(Sampler):
         num_transfer_tokens: tokens committed per step (default 1 when ``steps`` is not given).
         threshold: Fast-dLLM confidence threshold in [0, 1]; commits every candidate at or above it.
         factor: Fast-dLLM factor (> 0); mutually exclusive with ``threshold``.
+        sigma: certainty prior (d2Cache, ``samplers/certainty_prior.py``): the confidence is multiplied by the
+            density of decoded positions around each position before ranking and thresholding. None = off.
 
     With ``threshold`` or ``factor``, ``steps`` / ``num_transfer_tokens`` give the minimum committed per step.
     """
@@ -57,6 +62,7 @@ class LowConfidenceSampler(Sampler):
         num_transfer_tokens: Optional[int] = None,
         threshold: Optional[float] = None,
         factor: Optional[float] = None,
+        sigma: Optional[float] = None,
     ):
         super().__init__(proposal)
         if steps is not None and num_transfer_tokens is not None:
@@ -74,10 +80,12 @@ class LowConfidenceSampler(Sampler):
             check_threshold("threshold", threshold, proposal)
         if factor is not None and not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
+        check_sigma(sigma, proposal.confidence)
         self.steps = steps
         self.num_transfer_tokens = num_transfer_tokens if steps is None else None
         self.threshold = threshold
         self.factor = factor
+        self.sigma = sigma
 
     def validate_lengths(self, gen_length: int, block_length: int) -> None:
         if self.steps is None:
@@ -102,9 +110,14 @@ class LowConfidenceSampler(Sampler):
         schedule = state.sampler_state["schedule"]
         return schedule[:, min(state.step_in_block, schedule.shape[1] - 1)].clamp(min=1)
 
+    def scores(self, logits: torch.Tensor, proposed: Proposed, state: DecodeState) -> torch.Tensor:
+        """(B, L) selection scores of the block: the confidence, times the certainty density if ``sigma``.
+        Strategies that calibrate the confidence (PC-Sampler) override this."""
+        return apply_certainty_prior(proposed.confidence, state, state.block, self.sigma)
+
     def step(self, logits: torch.Tensor, state: DecodeState) -> StepOutput:
         proposed = self.proposal(logits, state.generator)
-        conf, cand = proposed.confidence, state.candidates(state.block)
+        conf, cand = self.scores(logits, proposed, state), state.candidates(state.block)
         n = self.min_count(state)
         if self.threshold is not None:
             commit = threshold_mask(conf, cand, self.threshold, n)

@@ -48,6 +48,13 @@ class SigmaSampler(LowConfidenceSampler):
         self.sigma = sigma
 
 
+class NoSigmaSampler(LowConfidenceSampler):
+    name = "without_sigma"
+
+    def __init__(self, proposal, *, num_transfer_tokens: Optional[int] = None):
+        super().__init__(proposal, num_transfer_tokens=num_transfer_tokens)
+
+
 @pytest.mark.parametrize("cache", ["dllm", "d2cache"])
 def test_extra_rows_need_a_cache_that_runs_them(cache):
     with pytest.raises(ValueError) as e:
@@ -98,8 +105,11 @@ def test_lm_eval_model_rejects_the_combination_before_loading(monkeypatch, llada
 def test_a_name_both_take_goes_to_both(monkeypatch, llada_dir):
     from lmeval_dllm.lm import DLLM
 
-    model = DLLM(pretrained=llada_dir, cache="d2cache", sigma=5.0, current_k=4)
+    monkeypatch.setitem(SAMPLERS, "without_sigma", NoSigmaSampler)
+    model = DLLM(pretrained=llada_dir, strategy="without_sigma", cache="d2cache", sigma=5.0, current_k=4)
     assert (model.cache.sigma, model.cache.current_k) == (5.0, 4) and "sigma" not in model.user_decoding
+    model = DLLM(pretrained=llada_dir, cache="d2cache", sigma=5.0)  # vanilla takes sigma (the certainty prior) too
+    assert model.cache.sigma == 5.0 and model.user_decoding["sigma"] == 5.0
     monkeypatch.setitem(SAMPLERS, "with_sigma", SigmaSampler)
     model = DLLM(pretrained=llada_dir, strategy="with_sigma", cache="d2cache", sigma=5.0)
     assert model.cache.sigma == 5.0 and model.user_decoding["sigma"] == 5.0
