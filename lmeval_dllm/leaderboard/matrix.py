@@ -518,6 +518,7 @@ class _Parser:
             return []
         known = {"model": [m.name for m in models], "strategy": [s.name for s in strategies],
                  "cache": [c.name for c in caches], "task": [t.name for t in tasks]}
+        plural = {"model": "models", "strategy": "strategies", "cache": "caches", "task": "tasks"}
         out = []
         for i, item in enumerate(self.seq(value, line, "exclude")):
             where, at = f"exclude[{i}]", value.lines[i]
@@ -528,7 +529,7 @@ class _Parser:
                 if v not in known[key]:
                     raise self.error(item.lines[key], f"{where}.{key}", f"{v!r} is not a {key} name of this "
                                                                         f"matrix{_did_you_mean(v, known[key])}"
-                                                                        f"{key}s: {', '.join(known[key])}")
+                                                                        f"{plural[key]}: {', '.join(known[key])}")
             out.append(dict(item))
         return out
 

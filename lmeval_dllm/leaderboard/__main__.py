@@ -1,0 +1,108 @@
+"""Command line of the leaderboard (``run_eval.sh`` calls ``run``).
+
+    python -m lmeval_dllm.leaderboard run [MATRIX.yaml] [--out DIR] [--limit N] [--num_processes N] [--dry_run]
+    python -m lmeval_dllm.leaderboard table [MATRIX.yaml] [--out DIR]     # re-aggregate stored cells only
+    python -m lmeval_dllm.leaderboard check MATRIX.yaml                  # parse, check, list the cells
+
+Exit status: 0 when every cell finished, 1 when any cell failed (the table lists it), 2 for a bad matrix or
+bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+from lmeval_dllm.leaderboard import DEFAULT_MATRIX
+from lmeval_dllm.leaderboard.matrix import MatrixError, load_matrix
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lmeval_dllm.leaderboard", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in [("run", "run every unfinished cell, then write the table and plots"),
+                        ("table", "write the table and plots from the cells already stored under --out"),
+                        ("check", "parse and check a matrix, list its cells and their commands")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX,
+                       help="matrix YAML (default: the bundled tiny leaderboard)")
+        s.add_argument("--out", help="run directory (default: leaderboard_runs/<matrix name>)")
+        if name in ("run", "check"):
+            s.add_argument("--limit", type=_positive(float),
+                           help="documents per task (a fraction < 1: share of the task); overrides the matrix")
+            s.add_argument("--num_processes", type=_positive(int),
+                           help="processes per cell; > 1 runs each cell under `accelerate launch`")
+        if name == "run":
+            s.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+            s.add_argument("--no_plots", action="store_true", help="table only (no matplotlib needed)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        matrix = load_matrix(args.matrix)
+    except MatrixError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = os.path.abspath(args.out or os.path.join("leaderboard_runs", matrix.name))
+
+    from lmeval_dllm.leaderboard.run import build_command, cell_dir, results_file, run_matrix
+
+    cells = matrix.cells()
+    if args.command == "check" or (args.command == "run" and args.dry_run):
+        for cell in cells:
+            directory = cell_dir(out, cell)
+            state = "finished" if results_file(directory) else "to run"
+            print(f"# {cell.label} ({state})")
+            print(shlex.join(build_command(matrix, cell, directory, args.limit, args.num_processes)))
+        print(f"# {len(cells)} cells, run directory {out}")
+        return 0
+
+    failed = []
+    if args.command == "run":
+        start = time.perf_counter()
+        print(f"leaderboard {matrix.name!r}: {len(cells)} cells -> {out}")
+        outcomes = run_matrix(matrix, out, args.limit, args.num_processes)
+        failed = [o for o in outcomes if o.status == "failed"]
+        print(f"ran {sum(o.status == 'done' for o in outcomes)}, skipped "
+              f"{sum(o.status == 'skipped' for o in outcomes)} finished, {len(failed)} failed "
+              f"in {time.perf_counter() - start:.0f} s")
+
+    from lmeval_dllm.leaderboard.table import markdown, write_tables
+
+    os.makedirs(out, exist_ok=True)
+    rows = write_tables(matrix, out)
+    print()
+    print(markdown(rows, matrix))
+    print(f"table: {os.path.join(out, 'leaderboard.md')}, {os.path.join(out, 'leaderboard.csv')}")
+    if not getattr(args, "no_plots", False):
+        from lmeval_dllm.leaderboard.plots import write_plots
+
+        for path in write_plots(rows, out):
+            print(f"plot: {path}")
+    if failed:
+        print(f"\n{len(failed)} cell(s) FAILED:", file=sys.stderr)
+        for o in failed:
+            print(f"  {o.cell.label}: {os.path.join(cell_dir(out, o.cell), 'FAILED')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Aggregation: one row per cell, from what the cell stored (lm-eval's results JSON), into CSV and Markdown.
+
+Columns (docs/leaderboard.md defines them for readers):
+
+- ``accuracy``, ``accuracy_stderr``: the task's metric and lm-eval's standard error of it, as fractions (CSV)
+  or percent (Markdown). The metric is the matrix's ``metric`` for the task, else the first one lm-eval reports.
+- ``n``: requests decoded (problems; with several processes, lm-eval's padding copies count too).
+- ``nfe``: mean forward passes per request while it was decoding (``dllm_stats.mean_nfe``). AR rows: the
+  forward passes of ``generate`` for that request = its generated tokens + the one that produced the stop token.
+- ``tokens_per_s``: total answer tokens over total generation wall time (``dllm_stats.tokens_per_s``), the same
+  definition for dLLM and AR rows.
+- ``tokens_per_step``: answer tokens over forward passes (AR: just under 1).
+- ``latency_s``: mean generation wall time per request = each batch's wall time shared equally among its
+  requests (``dllm_stats.mean_latency_s``).
+- ``speedup``: ``tokens_per_s`` over that of the baseline cell (the matrix's ``baseline``, by default the first
+  strategy without cache) of the same model and task; blank for AR rows and when the baseline did not finish.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from lmeval_dllm.leaderboard.matrix import Cell, Matrix
+from lmeval_dllm.leaderboard.run import FAILED, cell_dir, results_file
+
+
+@dataclass
+class Row:
+    task: str
+    model: str
+    kind: str  # "dllm" or "ar"
+    strategy: str  # the matrix label ("" for AR)
+    cache: str  # the matrix label ("" for AR)
+    status: str  # "ok", "failed", "missing" (not run yet)
+    metric: Optional[str] = None
+    accuracy: Optional[float] = None
+    accuracy_stderr: Optional[float] = None
+    n: Optional[int] = None
+    nfe: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    tokens_per_step: Optional[float] = None
+    latency_s: Optional[float] = None
+    speedup: Optional[float] = None
+    baseline: Optional[str] = None  # "strategy | cache" the speed-up is relative to
+    cell: str = ""  # the cell's directory, relative to the run directory
+
+
+COLUMNS = [f for f in Row.__dataclass_fields__]
+
+
+def read_cell(out: str, cell: Cell) -> Row:
+    """The row of one cell from its stored output (no speed-up yet: that needs the other rows)."""
+    directory = cell_dir(out, cell)
+    row = Row(task=cell.task.name, model=cell.model.name, kind=cell.kind,
+              strategy=cell.strategy.name if cell.strategy else "", cache=cell.cache.name if cell.cache else "",
+              status="missing", cell=os.path.relpath(directory, out))
+    path = results_file(directory)
+    if path is None:
+        row.status = "failed" if os.path.exists(os.path.join(directory, FAILED)) else "missing"
+        return row
+    with open(path) as f:
+        results = json.load(f)
+    try:
+        metrics = results["results"][cell.task.name]
+    except KeyError:
+        raise ValueError(f"{path}: no results for task {cell.task.name!r} (tasks reported: "
+                         f"{', '.join(results.get('results', {}))})") from None
+    row.status = "ok"
+    row.metric = cell.task.metric or _first_metric(metrics, path)
+    if row.metric not in metrics:
+        raise ValueError(f"{path}: metric {row.metric!r} not reported for {cell.task.name!r}; reported: "
+                         f"{', '.join(k for k in metrics if ',' in k and '_stderr' not in k)}")
+    row.accuracy = float(metrics[row.metric])
+    name, _, filt = row.metric.partition(",")
+    row.accuracy_stderr = _number(metrics.get(f"{name}_stderr,{filt}"))
+    stats = results.get("config", {}).get("dllm_stats", {})
+    row.n = stats.get("requests")
+    row.nfe = stats.get("mean_nfe")
+    row.tokens_per_s = stats.get("tokens_per_s")
+    row.tokens_per_step = stats.get("tokens_per_step")
+    row.latency_s = stats.get("mean_latency_s")
+    return row
+
+
+def _first_metric(metrics: dict, path: str) -> str:
+    # Metric keys are "<metric>,<filter>"; the others ("alias", "name", "sample_len") carry no comma.
+    for key, value in metrics.items():
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+            return key
+    raise ValueError(f"{path}: no numeric metric in {sorted(metrics)}")
+
+
+def _number(value) -> Optional[float]:
+    """lm-eval writes "N/A" for a stderr it could not compute (e.g. one document)."""
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def build_rows(matrix: Matrix, out: str) -> list[Row]:
+    """Every cell's row, ordered by task, then dLLM model, strategy, cache, then the AR baselines."""
+    cells = matrix.cells()
+    rows = [read_cell(out, c) for c in cells]
+    base_strategy, base_cache = matrix.baseline
+    reference = {(r.task, r.model): r for r in rows
+                 if r.kind == "dllm" and r.strategy == base_strategy and r.cache == base_cache}
+    for row in rows:
+        if row.kind != "dllm":
+            continue
+        row.baseline = f"{base_strategy} | {base_cache}"
+        ref = reference.get((row.task, row.model))
+        if row.tokens_per_s is not None and ref is not None and ref.tokens_per_s:
+            row.speedup = row.tokens_per_s / ref.tokens_per_s
+    task_order = {t.name: i for i, t in enumerate(matrix.tasks)}
+    # sorted() is stable: within a task, the matrix order of the cells (AR baselines come last).
+    return sorted(rows, key=lambda r: (task_order[r.task], r.kind == "ar"))
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    """Raw values (fractions, seconds), one row per cell; empty fields where a value does not apply."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+
+
+def markdown(rows: list[Row], matrix: Matrix) -> str:
+    """The paper table: accuracy in percent with its standard error, then speed columns."""
+    base_strategy, base_cache = matrix.baseline
+    lines = [
+        "| task | model | strategy | cache | n | accuracy (%) | NFE | tokens/s | tokens/step | latency (s) "
+        "| speed-up |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        strategy, cache = (r.strategy, r.cache) if r.kind == "dllm" else ("AR (hf)", "KV cache")
+        if r.status != "ok":
+            lines.append(f"| {r.task} | {r.model} | {strategy} | {cache} | | {r.status} | | | | | |")
+            continue
+        acc = f"{100 * r.accuracy:.1f}"
+        if r.accuracy_stderr is not None:
+            acc += f" ± {100 * r.accuracy_stderr:.1f}"
+        lines.append(
+            f"| {r.task} | {r.model} | {strategy} | {cache} | {_fmt(r.n, '{}')} | {acc} | {_fmt(r.nfe, '{:.1f}')} "
+            f"| {_fmt(r.tokens_per_s, '{:.1f}')} | {_fmt(r.tokens_per_step, '{:.2f}')} "
+            f"| {_fmt(r.latency_s, '{:.3f}')} | {_fmt(r.speedup, '{:.2f}×')} |")
+    metrics = {}
+    for r in rows:
+        if r.metric:
+            metrics.setdefault(r.task, r.metric)
+    notes = [
+        "",
+        f"Speed-up: tokens/s over the `{base_strategy}` + `{base_cache}` cell of the same model and task "
+        "(blank: AR row, or that cell did not finish). "
+        "Accuracy: " + "; ".join(f"`{m}` on {t}" for t, m in metrics.items()) + ".",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else spec.format(value)
+
+
+def write_tables(matrix: Matrix, out: str) -> list[Row]:
+    """``OUT/leaderboard.csv`` and ``OUT/leaderboard.md``; returns the rows."""
+    rows = build_rows(matrix, out)
+    write_csv(rows, os.path.join(out, "leaderboard.csv"))
+    with open(os.path.join(out, "leaderboard.md"), "w") as f:
+        f.write(f"# Leaderboard: {matrix.name}\n\n" + markdown(rows, matrix))
+    return rows

@@ -1,0 +1,122 @@
+"""The matrix parser (lmeval_dllm/leaderboard/matrix.py): cells it expands to, and errors naming file and line."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lmeval_dllm.leaderboard import DEFAULT_MATRIX
+from lmeval_dllm.leaderboard.matrix import MatrixError, load_matrix, parse_matrix
+
+GOOD = """\
+name: mini
+tasks: [tiny_gsm]
+models:
+  - {name: tiny, pretrained: tiny-llada, model_args: {gen_length: 32}}
+strategies:
+  - vanilla
+  - {name: fast, strategy: vanilla, params: {threshold: 0.9}}
+caches: [none, dual]
+exclude:
+  - {strategy: vanilla, cache: dual}
+ar_baselines:
+  - {name: gpt2, pretrained: /models/gpt2, batch_size: 4}
+limit: 5
+"""
+
+
+def test_cells_of_a_matrix():
+    m = parse_matrix(GOOD, "m.yaml")
+    labels = [c.label for c in m.cells()]
+    assert labels == ["tiny_gsm | tiny | vanilla | none", "tiny_gsm | tiny | fast | none",
+                      "tiny_gsm | tiny | fast | dual", "tiny_gsm | gpt2 | AR"]
+    cells = m.cells()
+    assert [c.path for c in cells] == [os.path.join("tiny_gsm", "tiny", "vanilla--none"),
+                                       os.path.join("tiny_gsm", "tiny", "fast--none"),
+                                       os.path.join("tiny_gsm", "tiny", "fast--dual"),
+                                       os.path.join("tiny_gsm", "gpt2", "ar")]
+    # strategy, then cache, then its parameters, then the model's own arguments; no cache key for "none"
+    assert cells[0].model_args() == {"pretrained": "tiny-llada", "strategy": "vanilla", "gen_length": 32}
+    assert cells[2].model_args() == {"pretrained": "tiny-llada", "strategy": "vanilla", "cache": "dual",
+                                     "threshold": 0.9, "gen_length": 32}
+    assert cells[3].model_args() == {"pretrained": "/models/gpt2"} and cells[3].model.batch_size == 4
+    assert m.baseline == ("vanilla", "none")  # default: first strategy, no cache
+    assert (m.limit, m.batch_size, m.num_processes) == (5, 1, 1)
+
+
+def test_default_names_and_directories():
+    m = parse_matrix("tasks: [t]\nmodels: [org/My-Model]\nstrategies:\n"
+                     "  - {strategy: vanilla, params: {threshold: 0.5, block_length: 8}}\n", "m.yaml")
+    [cell] = m.cells()
+    assert cell.label == "t | My-Model | vanilla threshold=0.5 block_length=8 | none"
+    assert cell.path == os.path.join("t", "My-Model", "vanilla_threshold=0.5_block_length=8--none")
+
+
+def test_the_bundled_matrices_parse():
+    m = load_matrix(DEFAULT_MATRIX)
+    assert len(m.cells()) == 6 and m.limit == 32
+    assert m.include_path == (os.path.abspath(os.path.join(os.path.dirname(DEFAULT_MATRIX), "..", "..",
+                                                           "task_configs")),)
+    full = load_matrix(os.path.join(os.path.dirname(__file__), "..", "examples", "leaderboard_full.yaml"))
+    assert len(full.cells()) == 40 and full.num_processes == 8
+    assert [c.model.pretrained for c in full.cells() if c.kind == "ar"] == [
+        "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct",
+        "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"]
+
+
+@pytest.mark.parametrize("text, message", [
+    # unknown keys: the line, the key, a suggestion and the allowed keys
+    ("tasks: [t]\nmodels: [m]\ntaks: [x]\n",
+     "m.yaml:3: unknown key 'taks'; did you mean 'tasks'? allowed: name, tasks, models, strategies, caches, "
+     "ar_baselines, baseline, exclude, include_path, lm_eval_args, limit, batch_size, num_processes"),
+    ("tasks: [t]\nmodels:\n  - pretrained: m\n    flavour: x\n",
+     "m.yaml:4: models[0]: unknown key 'flavour'; allowed: name, pretrained, model_args, batch_size"),
+    # strategies, caches and parameters are checked with the package's own registries
+    ("tasks: [t]\nmodels: [m]\nstrategies:\n  - vanilla\n  - vanila\n",
+     "m.yaml:5: strategies[1]: unknown strategy 'vanila'; did you mean 'vanilla'? available: vanilla, "
+     "pc_sampler, eb_sampler, klass, ar"),
+    ("tasks: [t]\nmodels: [m]\nstrategies:\n  - {strategy: vanilla, params: {treshold: 0.9}}\n",
+     "m.yaml:4: strategies[0]: unknown parameter 'treshold' for strategy 'vanilla'; did you mean 'threshold'?"),
+    ("tasks: [t]\nmodels: [m]\nstrategies:\n  - {strategy: vanilla, params: {threshold: 1.5}}\n",
+     "m.yaml:4: strategies[0]: threshold must be in [0, 1] (a probability), got 1.5"),
+    ("tasks: [t]\nmodels: [m]\ncaches:\n  - none\n  - {cache: dllm, params: {kp: 0}}\n",
+     "m.yaml:5: caches[1]: kp must be an integer >= 1, got 0"),
+    ("tasks: [t]\nmodels: [m]\ncaches:\n  - {cache: prefix, params: {kp: 3}}\n",
+     "m.yaml:4: caches[0]: unknown parameter 'kp' for cache 'prefix' accepted: refresh_interval"),
+    ("tasks: [t]\nmodels: [m]\ncaches: [none, dul]\n",
+     "m.yaml:3: caches[1]: unknown cache 'dul'; did you mean 'dual'? available: none, prefix, dual, dllm, d2cache"),
+    # structure
+    ("tasks: [t]\nmodels: [m]\nlimit: -3\n", "m.yaml:3: limit: expected a number > 0"),
+    ("tasks: t\nmodels: [m]\n", "m.yaml:1: tasks: expected a non-empty list, got the string 't'"),
+    ("tasks: [t]\n", "m.yaml:1: nothing to run: give `models:` (dLLMs) and/or `ar_baselines:`"),
+    ("tasks: [t]\nmodels:\n  - {pretrained: m, model_args: {stats_path: x}}\n",
+     "m.yaml:3: models[0].model_args: 'stats_path' is set by the leaderboard itself"),
+    ("tasks: [t]\nmodels: [a/m, b/m]\n",
+     "m.yaml:2: models: 'm' has the same name as the entry on line 2; give each entry its own `name:`"),
+    ("tasks: [t]\nmodels: [m]\nexclude:\n  - {strategy: fast}\n",
+     "m.yaml:4: exclude[0].strategy: 'fast' is not a strategy name of this matrix; strategies: vanilla"),
+    ("tasks: [t]\nmodels: [m]\nbaseline: {strategy: fats}\n",
+     "m.yaml:3: baseline.strategy: 'fats' is not a strategy name of this matrix; strategies: vanilla"),
+    ("tasks: [t]\nmodels: [m]\nlm_eval_args: [--limit, '3']\n",
+     "m.yaml:3: lm_eval_args: --limit is set by the leaderboard"),
+    ("tasks: [t]\nmodels: [m]\n  bad: indent\n", "m.yaml:3: not valid YAML"),
+    ("tasks: [t]\ntasks: [u]\nmodels: [m]\n", "m.yaml:2: duplicate key 'tasks'"),
+    ("", "m.yaml:1: empty matrix"),
+])
+def test_errors_name_the_line(text, message):
+    with pytest.raises(MatrixError) as info:
+        parse_matrix(text, "m.yaml")
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_missing_file_and_include_path(tmp_path):
+    with pytest.raises(MatrixError, match="cannot read the matrix file"):
+        load_matrix(str(tmp_path / "nope.yaml"))
+    path = tmp_path / "m.yaml"
+    path.write_text("tasks: [t]\nmodels: [m]\ninclude_path: tasks\n")
+    with pytest.raises(MatrixError, match=r"m.yaml:3: include_path: 'tasks' is not a directory \(relative paths "
+                                          r"are relative to the matrix file"):
+        load_matrix(str(path))
+    (tmp_path / "tasks").mkdir()
+    assert load_matrix(str(path)).include_path == (str(tmp_path / "tasks"),)
