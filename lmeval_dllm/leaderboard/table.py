@@ -141,15 +141,15 @@ def markdown(rows: list[Row], matrix: Matrix) -> str:
     for r in rows:
         strategy, cache = (r.strategy, r.cache) if r.kind == "dllm" else ("AR (hf)", "KV cache")
         if r.status != "ok":
-            lines.append(f"| {r.task} | {r.model} | {strategy} | {cache} | | {r.status} | | | | | |")
-            continue
-        acc = f"{100 * r.accuracy:.1f}"
-        if r.accuracy_stderr is not None:
-            acc += f" ± {100 * r.accuracy_stderr:.1f}"
-        lines.append(
-            f"| {r.task} | {r.model} | {strategy} | {cache} | {_fmt(r.n, '{}')} | {acc} | {_fmt(r.nfe, '{:.1f}')} "
-            f"| {_fmt(r.tokens_per_s, '{:.1f}')} | {_fmt(r.tokens_per_step, '{:.2f}')} "
-            f"| {_fmt(r.latency_s, '{:.3f}')} | {_fmt(r.speedup, '{:.2f}×')} |")
+            cells = [r.task, r.model, strategy, cache, "", r.status, "", "", "", "", ""]
+        else:
+            acc = f"{100 * r.accuracy:.1f}"
+            if r.accuracy_stderr is not None:
+                acc += f" ± {100 * r.accuracy_stderr:.1f}"
+            cells = [r.task, r.model, strategy, cache, _fmt(r.n, "{}"), acc, _fmt(r.nfe, "{:.1f}"),
+                     _fmt(r.tokens_per_s, "{:.1f}"), _fmt(r.tokens_per_step, "{:.2f}"),
+                     _fmt(r.latency_s, "{:.3f}"), _fmt(r.speedup, "{:.2f}×")]
+        lines.append("| " + " | ".join(cells) + " |")
     metrics = {}
     for r in rows:
         if r.metric:
