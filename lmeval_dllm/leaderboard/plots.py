@@ -1,8 +1,8 @@
 """Plots of a leaderboard (PNG, matplotlib's Agg backend: no display needed).
 
 - ``pareto_<task>.png``: accuracy (%) against throughput (tokens/s, log scale) for every finished cell of the
-  task, one colour per model, AR baselines as squares; the Pareto front (no other cell is both faster and
-  more accurate) is joined by a dashed line.
+  task, one colour per cell (named in the legend), AR baselines as squares; the Pareto front (no other cell is
+  both faster and more accurate) is joined by a dashed line.
 - ``nfe_<task>.png``: mean NFE (forward passes per request) of each dLLM cell, one bar per strategy x cache.
 """
 
@@ -46,18 +46,16 @@ def _label(row: Row) -> str:
 def plot_pareto(rows: list[Row], task: str, path: str) -> None:
     plt = _pyplot()
     done = [r for r in rows if r.task == task and r.status == "ok" and r.tokens_per_s]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
-    models = list(dict.fromkeys(r.model for r in done))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}
-    for model in models:
-        mine = [r for r in done if r.model == model]
-        for r in mine:
-            ax.errorbar(r.tokens_per_s, 100 * r.accuracy,
-                        yerr=None if r.accuracy_stderr is None else 100 * r.accuracy_stderr,
-                        fmt="s" if r.kind == "ar" else "o", color=colours[model], markersize=7, capsize=3,
-                        label=model if r is mine[0] else None)
-            ax.annotate(_label(r), (r.tokens_per_s, 100 * r.accuracy), textcoords="offset points",
-                        xytext=(6, 5), fontsize=8)
+    several_models = len({r.model for r in done}) > 1
+    # One colour per cell and a legend, not text beside the points: cells of equal accuracy would overlap.
+    colours = plt.get_cmap("tab10" if len(done) <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
+    for i, r in enumerate(done):
+        label = f"{r.model}: {_label(r)}" if several_models and r.kind == "dllm" else _label(r)
+        ax.errorbar(r.tokens_per_s, 100 * r.accuracy,
+                    yerr=None if r.accuracy_stderr is None else 100 * r.accuracy_stderr,
+                    fmt="s" if r.kind == "ar" else "o", color=colours(i % colours.N), markersize=7, capsize=3,
+                    elinewidth=1, alpha=0.9, label=label)
     front = pareto_front([(r.tokens_per_s, 100 * r.accuracy) for r in done])
     if len(front) > 1:
         ax.plot(*zip(*front), "--", color="grey", linewidth=1, label="Pareto front")
@@ -66,9 +64,9 @@ def plot_pareto(rows: list[Row], task: str, path: str) -> None:
     ax.set_ylabel("accuracy (%) ± stderr")
     ax.set_title(f"{task}: accuracy against throughput")
     ax.grid(True, which="both", alpha=0.3)
-    ax.margins(x=0.25, y=0.15)  # room for the labels right of the points
+    ax.margins(x=0.1, y=0.1)
     if done:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
