@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out or os.path.join("leaderboard_runs", matrix.name))
+    if "," in out:  # each cell's stats_path (under OUT) travels inside lm-eval's comma-separated --model_args
+        print(f"error: --out {out!r}: the run directory's path cannot contain ','", file=sys.stderr)
+        return 2
 
     from lmeval_dllm.leaderboard.run import build_command, cell_dir, results_file, run_matrix
 
