@@ -113,6 +113,14 @@ class DLLM(TemplateLM):
         cache_class(self.cache_name)
         cache_kwargs = {k: decoding.pop(k) for k in list(decoding) if k in cache_params(self.cache_name)}
         self.user_decoding = self._check_decoding(decoding, source="--model_args")
+        chooser = sampler_class(strategy)
+        if chooser.sizes_canvas and "gen_length" in self.user_decoding:
+            raise ValueError(
+                f"strategy {strategy!r} chooses each answer's length itself (initial_gen_length, max_gen_length): "
+                f"gen_length does not apply; remove gen_length={self.user_decoding['gen_length']}"
+            )
+        if self.cache_name and not chooser.supports_cache:
+            raise ValueError(f"strategy {strategy!r} cannot run with a cache (cache={self.cache_name!r}): use cache=none")
         self._build_decoding(self.user_decoding, gen_length=self.user_decoding.get("gen_length"))
         self.cache = build_cache(self.cache_name, **cache_kwargs)
 
@@ -164,9 +172,10 @@ class DLLM(TemplateLM):
         proposal = Proposal.from_params(**proposal_kw)
         sampler = build_sampler(self.strategy, proposal, **sampler_kw)
         config = None
-        if gen_length is not None:
+        if gen_length is not None or sampler.sizes_canvas:
             block_length = params.get("block_length") or DEFAULT_BLOCK_LENGTH
-            config = GenerationConfig(gen_length=gen_length, block_length=block_length)
+            config = GenerationConfig(gen_length=None if sampler.sizes_canvas else gen_length,
+                                      block_length=block_length)
             sampler.validate_lengths(config.gen_length, config.block_length)
         return config, sampler
 
@@ -178,9 +187,15 @@ class DLLM(TemplateLM):
         kwargs.pop("do_sample", None)
         task = self._check_decoding(kwargs, source="the task's generation_kwargs / --gen_kwargs")
         params = {**task, **self.user_decoding}
-        gen_length = params.get("gen_length") or max_gen_toks
-        if "block_length" not in params and gen_length % DEFAULT_BLOCK_LENGTH:
-            params["block_length"] = gen_length  # no block size given and 32 does not divide: one block
+        if sampler_class(self.strategy).sizes_canvas:
+            # The strategy picks each answer's length (DAEDAL): the task's fixed length does not apply.
+            eval_logger.info("strategy %r chooses the answer length: the task's gen_length=%s / max_gen_toks=%s "
+                             "are not used", self.strategy, params.get("gen_length"), max_gen_toks)
+            gen_length = None
+        else:
+            gen_length = params.get("gen_length") or max_gen_toks
+            if "block_length" not in params and gen_length % DEFAULT_BLOCK_LENGTH:
+                params["block_length"] = gen_length  # no block size given and 32 does not divide: one block
         config, sampler = self._build_decoding(params, gen_length)
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -315,10 +330,12 @@ class DLLM(TemplateLM):
 
     def _generate_batch(self, contexts: list[str], config: GenerationConfig, sampler, until: list[str]) -> list[str]:
         encoded = [self.tok_encode(c) for c in contexts]
+        longest, what = (config.gen_length, "gen_length") if config.gen_length is not None else \
+            (sampler.max_gen_length, "max_gen_length")
         for c, e in zip(contexts, encoded):
-            if len(e) + config.gen_length > self.max_length:
+            if len(e) + longest > self.max_length:
                 raise ValueError(
-                    f"prompt of {len(e)} tokens + gen_length={config.gen_length} exceeds max_length="
+                    f"prompt of {len(e)} tokens + {what}={longest} exceeds max_length="
                     f"{self.max_length} (prompt starts {c[:60]!r}); raise max_length or shorten the prompt"
                 )
             if not e and self.model.logit_shift:
@@ -343,11 +360,11 @@ class DLLM(TemplateLM):
         elapsed = time.perf_counter() - start
 
         tokens, lengths = out.tokens.tolist(), out.answer_length.tolist()
-        nfe, committed = out.nfe.tolist(), out.committed.tolist()
+        nfe, committed, gen_lengths = out.nfe.tolist(), out.committed.tolist(), out.gen_lengths.tolist()
         texts, stats = [], []
         for i, e in enumerate(encoded):
             texts.append(self._postprocess(tokens[i][: lengths[i]], until))
-            stats.append(RequestStats(prompt_tokens=len(e), gen_length=config.gen_length, nfe=nfe[i],
+            stats.append(RequestStats(prompt_tokens=len(e), gen_length=gen_lengths[i], nfe=nfe[i],
                                       answer_tokens=lengths[i], committed_tokens=committed[i],
                                       wall_time_s=elapsed, batch_size=len(encoded)))
         self.stats.add_batch(stats, elapsed, out.steps)

@@ -199,7 +199,7 @@ class DiffusionLM(nn.Module):
         position_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         cache: Optional["Cache"] = None,
-        logits_index: Optional[slice] = None,
+        logits_index: Optional[slice | torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run rows through the stack.
 
@@ -211,8 +211,9 @@ class DiffusionLM(nn.Module):
                 `(B, T)` over the keys attended to (T = Q without a cache, the full canvas with one), or a full
                 mask `(B, 1, Q, T)` for structured attention (e.g. WINO's leave-one-out shadow block).
             cache: per-layer K/V store (see ``lmeval_dllm.caches``).
-            logits_index: which of the Q rows get logits; all when None. The LM head is the largest matmul of
-                a step (126k x 4096 for LLaDA), so it only runs where a sampler looks.
+            logits_index: which of the Q rows get logits (a slice, or a 1-D long tensor of row indices); all
+                when None. The LM head is the largest matmul of a step (126k x 4096 for LLaDA), so it only runs
+                where a sampler looks.
 
         Returns:
             logits (`torch.Tensor` of shape `(B, K, V)`), K = rows selected by ``logits_index``.
