@@ -350,18 +350,19 @@ def test_no_cache_with_wino(llada_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,batch_size", [("llada", 1), ("dream", 3)])
-def test_lm_eval_cli(tmp_path, llada_dir, dream_dir, family, batch_size):
+def test_lm_eval_cli_on_tiny_dream_at_batch_sizes_3_and_1(tmp_path, dream_dir):
+    """The real command line, on Dream (the shifted leave-one-out construction): a batch of three prompts and a
+    batch of one in one run (tests/cli_run.py)."""
     from cli_run import run_lm_eval
 
-    ck = llada_dir if family == "llada" else dream_dir
-    extra = ",trust_remote_code=True" if family == "dream" else ""
     results, samples, stats = run_lm_eval(
-        tmp_path, f"pretrained={ck},strategy=wino,wide_in_thres=0.05,narrow_out_thres=0.5,gen_length=8,"
-                  f"block_length=4{extra}", batch_size=batch_size, limit=3)
-    assert results["n-samples"]["strategy_smoke"] == {"original": 5, "effective": 3}
+        tmp_path, f"pretrained={dream_dir},strategy=wino,wide_in_thres=0.05,narrow_out_thres=0.5,gen_length=8,"
+                  "block_length=4")
+    assert results["n-samples"] == {"smoke_three": {"original": 5, "effective": 3},
+                                    "smoke_one": {"original": 1, "effective": 1}}
     assert results["config"]["dllm_strategy"] == "wino"
-    assert results["config"]["dllm_stats"]["requests"] == 3
-    assert results["config"]["dllm_stats"]["batches"] == 3 // batch_size
-    assert len(samples) == 3 and [r["gen_length"] for r in stats] == [8, 8, 8]
-    assert all(r["batch_size"] == batch_size and 2 <= r["nfe"] <= 8 for r in stats)
+    assert results["config"]["dllm_stats"]["requests"] == 4 and results["config"]["dllm_stats"]["batches"] == 2
+    assert len(samples["smoke_three"]) == 3 and len(samples["smoke_one"]) == 1
+    assert sorted(r["batch_size"] for r in stats) == [1, 3, 3, 3]
+    assert [r["gen_length"] for r in stats] == [8] * 4
+    assert all(2 <= r["nfe"] <= 8 for r in stats)  # two blocks of 4, each in 1 to 4 steps
