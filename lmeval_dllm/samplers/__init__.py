@@ -9,6 +9,7 @@ from typing import Any
 
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
 from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+from lmeval_dllm.samplers.daedal import DaedalSampler
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
 from lmeval_dllm.samplers.wino import WinoSampler
@@ -16,6 +17,7 @@ from lmeval_dllm.samplers.wino import WinoSampler
 SAMPLERS: dict[str, type[Sampler]] = {
     "vanilla": LowConfidenceSampler,  # LLaDA low-confidence remasking + Fast-dLLM threshold / factor
     "wino": WinoSampler,  # WINO: wide-in drafting, narrow-out re-masking (arXiv:2507.18578)
+    "daedal": DaedalSampler,  # DAEDAL: variable-length denoising (arXiv:2508.00819)
 }
 
 
