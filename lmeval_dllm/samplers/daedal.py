@@ -135,7 +135,8 @@ class DaedalSampler(Sampler):
         bs, be = state.block.start - P, state.block.stop - P
         block_logits = logits[:, bs:be]
         proposed = self.proposal(block_logits, state.generator)
-        conf, tokens = proposed.confidence, proposed.tokens
+        tokens = proposed.tokens
+        conf = self._confidence(block_logits, tokens, proposed.confidence)
         cand = (state.x[:, state.block] == mask_id) & decoding[:, None]  # (B, Lb)
         eligible = cand & (tokens != mask_id)
         commit = eligible & (conf > self.threshold)
@@ -145,10 +146,10 @@ class DaedalSampler(Sampler):
         stuck = fallback & ~eligible.any(-1)
         no_mask = block_logits.clone()
         no_mask[..., mask_id] = float("-inf")
-        alt_logp = torch.log_softmax(no_mask, dim=-1).max(-1)
-        unstick = top_k_mask(alt_logp.values, cand, stuck.long())
+        alt = torch.softmax(no_mask, dim=-1).max(-1)
+        unstick = top_k_mask(alt.values, cand, stuck.long())
         commit |= unstick
-        tokens = torch.where(unstick, alt_logp.indices, tokens)
+        tokens = torch.where(unstick, alt.indices, tokens)
 
         # Expansion point: the least confident uncommitted mask under low_conf_expand_thres.
         may_expand = decoding & short & (eos_conf < self.decode_eot_expand_thres)
@@ -161,6 +162,15 @@ class DaedalSampler(Sampler):
         full_tokens = torch.full_like(full_commit, mask_id, dtype=torch.long)
         full_commit[:, bs:be], full_tokens[:, bs:be] = commit, tokens
         return StepOutput(commit=full_commit, tokens=full_tokens)
+
+    def _confidence(self, logits: torch.Tensor, token_ids: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+        """LLaDA's confidence as the release rounds it: a float32 softmax, then the token's entry. Near 1,
+        ``exp(log p)`` (the proposal's formula) and the softmax round differently, and which of two confident
+        drafts is committed first depends on it; equal values then go to the lower position, as in the release's
+        sort. Other confidence rules: the proposal's."""
+        if self.proposal.confidence != "low_confidence" or self.proposal.confidence_eos_eot_inf:
+            return confidence
+        return torch.softmax(logits, dim=-1).gather(-1, token_ids[..., None]).squeeze(-1)
 
     def resize(self, state: DecodeState) -> None:
         """Apply this step's structural change: stage-1 growth, the EOS tail, or one mask insertion per row."""

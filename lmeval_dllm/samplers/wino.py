@@ -99,8 +99,8 @@ def token_probability(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Te
 
     WINO ranks drafts by confidence and the release takes the softmax in float64, where 1 - 1e-9 and 1 - 1e-7
     differ; in float32 both round to 1.0 and would tie. The log-sum-exp is taken as ``max + log1p(rest)``, with
-    ``rest`` the mass of everything but one top entry, which keeps that difference in float32; only the
-    (B, L) result is float64.
+    ``rest`` the mass of everything but one top entry, which keeps that difference in float32; only the (B, L)
+    result is float64 (a float64 softmax of (B, L, V) would double the memory).
     """
     top, top_index = logits.max(-1, keepdim=True)
     rest = (logits - top).exp().scatter(-1, top_index, 0.0).sum(-1)  # (B, L)
@@ -142,7 +142,7 @@ class WinoSampler(Sampler):
         state.sampler_state["prev_accept"] = torch.full((state.batch_size,), FIRST_PREV_ACCEPT, device=state.x.device)
 
     def _confidence(self, logits: torch.Tensor, token_ids: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-        """The proposal's confidence, in float64 precision when it is a token probability (LLaDA's
+        """The proposal's confidence, in float64 precision where it is a token probability (LLaDA's
         ``low_confidence``: the clean softmax, as the release; Dream's ``maskgit_plus``: the filtered one)."""
         rule = self.proposal.confidence
         if rule not in ("low_confidence", "maskgit_plus"):
@@ -175,7 +175,9 @@ class WinoSampler(Sampler):
         no_mask = main.clone()
         no_mask[..., state.mask_token_id] = float("-inf")
         proposed = self.proposal(no_mask, state.generator)
-        conf, cand = self._confidence(main, proposed.tokens, proposed.confidence), masked & active
+        # float64-precise, as the release's float64 softmax: confident drafts are ranked against each other
+        conf = self._confidence(main, proposed.tokens, proposed.confidence)
+        cand = masked & active
         cap = (masked.sum(-1) * ACCEPT_FRACTION_TENTHS // 10).clamp(MIN_CAP, MAX_CAP).clamp(min=n)  # (B,)
         above = (cand & (conf > self.wide_in_thres)).sum(-1)
         commit = top_k_mask(conf, cand, torch.minimum(torch.maximum(above, torch.full_like(above, n)), cap))
