@@ -121,12 +121,12 @@ def generate(
         block_done: ``f(gen (B, G), finished (B,)) -> (B,) bool`` evaluated after each block, e.g. "the
             decoded text contains a stop string"; rows it marks are finished.
     """
-    sampler.validate_lengths(config.gen_length, config.block_length)
     if sampler.sizes_canvas != (config.gen_length is None):
         raise ValueError(
             f"strategy {sampler.name!r} chooses the generation length itself: give gen_length=None"
             if sampler.sizes_canvas else f"strategy {sampler.name!r} needs a gen_length"
         )
+    sampler.validate_lengths(config.gen_length, config.block_length)
     if cache is not None and cache.name != "none" and not sampler.supports_cache:
         raise ValueError(f"strategy {sampler.name!r} cannot run with a cache ({cache.name!r}): use cache=none")
     device = model.device

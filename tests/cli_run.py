@@ -8,6 +8,7 @@ A plain module shared by the strategy tests. ``run_lm_eval(tmp_path, model_args)
 - ``smoke_one``: one question, with other generation settings (its own ``until``), so lm-eval batches it apart:
   a batch of one.
 
+Both tasks carry a fixed-length protocol (``gen_length``/``block_length`` 8 in their generation kwargs).
 One process covers batch sizes 3 and 1 (the decoder sees exactly what ``--batch_size 1`` would give it), at the
 cost of one interpreter start. Returns the results JSON, the logged samples per task and the per-request
 statistics written through ``stats_path``.
@@ -35,6 +36,8 @@ doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["{until}"]
   max_gen_toks: 8
+  gen_length: 8
+  block_length: 8
 metric_list:
   - metric: exact_match
 metadata:

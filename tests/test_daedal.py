@@ -289,8 +289,8 @@ def test_tiny_batch_equals_each_prompt_alone(request, family, low):
 
 @pytest.mark.slow
 def test_lm_eval_cli_on_tiny_llada_at_batch_sizes_3_and_1(tmp_path, llada_dir):
-    """The real command line: a batch of three prompts and a batch of one in one run (tests/cli_run.py); the
-    task's max_gen_toks does not apply, each answer's length is DAEDAL's."""
+    """The real command line: a batch of three prompts and a batch of one in one run (tests/cli_run.py). The
+    tasks' gen_length / max_gen_toks (8) do not apply: each answer's length is DAEDAL's."""
     from cli_run import run_lm_eval
 
     results, samples, stats = run_lm_eval(

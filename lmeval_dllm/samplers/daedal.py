@@ -168,7 +168,8 @@ class DaedalSampler(Sampler):
         ``exp(log p)`` (the proposal's formula) and the softmax round differently, and which of two confident
         drafts is committed first depends on it; equal values then go to the lower position, as in the release's
         sort. Other confidence rules: the proposal's."""
-        if self.proposal.confidence != "low_confidence" or self.proposal.confidence_eos_eot_inf:
+        prop = self.proposal
+        if prop.confidence != "low_confidence" or prop.confidence_eos_eot_inf or prop.logits_eos_inf:
             return confidence
         return torch.softmax(logits, dim=-1).gather(-1, token_ids[..., None]).squeeze(-1)
 
