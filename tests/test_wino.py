@@ -128,6 +128,19 @@ def test_token_probability_keeps_confidences_near_one_apart():
     assert torch.allclose(1 - p[0], 1 - expected, rtol=1e-4, atol=1e-15)  # float64 carries 1e-16 near 1
 
 
+@pytest.mark.parametrize("kw", [{}, {"alg": "maskgit_plus", "top_p": 0.8, "temperature": 0.7},
+                                {"logits_eos_inf": True}, {"confidence_eos_eot_inf": True},
+                                {"alg": "maskgit_plus", "top_k": 5, "confidence_eos_eot_inf": True,
+                                 "logits_eos_inf": True}])
+def test_draft_confidence_is_the_proposals_only_more_precise(kw):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, V) * 3
+    proposal = Proposal.from_params(**kw).bind(3, 4)
+    proposed = proposal(logits)
+    conf = build_sampler("wino", proposal)._confidence(logits, proposed.tokens, proposed.confidence)
+    assert conf.dtype == torch.float64 and torch.allclose(conf.float(), proposed.confidence, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw,msg", [
     ({"wide_in_thres": 1.5}, r"wide_in_thres must be in \[0, 1\] \(a probability\), got 1.5"),
     ({"narrow_out_thres": -0.1}, r"narrow_out_thres must be in \[0, 1\] \(a probability\), got -0.1"),

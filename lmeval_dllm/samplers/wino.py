@@ -147,14 +147,14 @@ class WinoSampler(Sampler):
         rule = self.proposal.confidence
         if rule not in ("low_confidence", "maskgit_plus"):
             return confidence.double()
-        prop = self.proposal
-        suppressed = [prop.eos_token_id] if prop.logits_eos_inf else []  # as the proposal reads its confidence
-        if prop.confidence_eos_eot_inf:  # EOS / end-of-turn get confidence 0
-            suppressed += [i for i in (prop.eos_token_id, prop.eot_token_id) if i is not None]
-        if suppressed:
+        prop = self.proposal  # the distribution its confidence is read from, in the same order of edits
+        if prop.logits_eos_inf:
             logits = logits.clone()
-            logits[..., suppressed] = float("-inf")
+            logits[..., prop.eos_token_id] = float("-inf")
         source = logits if rule == "low_confidence" else prop.filtered(logits)
+        if prop.confidence_eos_eot_inf:  # EOS / end-of-turn get confidence 0
+            source = source.clone()
+            source[..., [i for i in (prop.eos_token_id, prop.eot_token_id) if i is not None]] = float("-inf")
         return token_probability(source, token_ids)
 
     def forward(self, model, cache, state: DecodeState, span: slice) -> torch.Tensor:
