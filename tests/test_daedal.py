@@ -294,13 +294,14 @@ def test_lm_eval_cli_on_tiny_llada_at_batch_sizes_3_and_1(tmp_path, llada_dir):
     from cli_run import run_lm_eval
 
     results, samples, stats = run_lm_eval(
-        tmp_path, f"pretrained={llada_dir},strategy=daedal,initial_gen_length=8,max_gen_length=24,"
-                  "num_check_last_eot=4,expansion_factor=4,block_length=8")
+        tmp_path, f"pretrained={llada_dir},strategy=daedal,initial_gen_length=8,max_gen_length=16,"
+                  "num_check_last_eot=4,expansion_factor=4,block_length=8,threshold=0.0")
     assert results["n-samples"] == {"smoke_three": {"original": 5, "effective": 3},
                                     "smoke_one": {"original": 1, "effective": 1}}
     assert results["config"]["dllm_strategy"] == "daedal"
     assert results["config"]["dllm_stats"]["requests"] == 4 and results["config"]["dllm_stats"]["batches"] == 2
     assert len(samples["smoke_three"]) == 3 and len(samples["smoke_one"]) == 1
     assert sorted(r["batch_size"] for r in stats) == [1, 3, 3, 3]
-    # the random tiny model never expects EOS: every row grows 8 -> 12 -> ... -> 24 in stage 1
-    assert [r["gen_length"] for r in stats] == [24] * 4
+    # the random tiny model never expects EOS: every row grows 8 -> 12 -> 16 (the cap: no EOS tail) in three
+    # passes; threshold 0 then commits each block of 8 in one step
+    assert [r["gen_length"] for r in stats] == [16] * 4 and [r["nfe"] for r in stats] == [5] * 4
