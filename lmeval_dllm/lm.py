@@ -10,7 +10,8 @@ Decoding is ``lmeval_dllm.generate.generate``; strategies are ``lmeval_dllm.samp
 Decoding parameters (``gen_length``, ``block_length``, strategy, proposal and cache parameters) may be given in
 ``--model_args`` or carried by a task's ``generation_kwargs`` (and ``--gen_kwargs``, which lm-eval merges into
 them). Precedence: what the user puts in ``--model_args`` > the task's generation kwargs (including
-``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``.
+``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``; a strategy that chooses
+each answer's length itself (DAEDAL) uses neither, and a ``gen_length`` in ``--model_args`` is an error for it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ current block that predicts that position without attending to its current token
   within ``ceil(L / num_transfer_tokens)`` steps with nothing left masked.
 
 The window is the whole block for the whole block (the release's; d2Cache's port narrowed it, §14.7 of the
-spec). Rows are independent: each has its own accept counts and ends its block on its own.
+spec). Rows are independent: each has its own accept counts and ends its block on its own. Unlike the release, a
+predicted [MASK] is never drafted (the release commits it and counts the position as decoded); deviations are
+listed in docs/strategies.md.
 
 Shadow block, LLaDA (row t predicts position t): shadow i is a [MASK] with the RoPE position of block column
 s+i; it attends to every real key except column s+i and to every shadow token; no real token attends to the
