@@ -9,7 +9,6 @@ a *lazy* entry ``dllm -> lmeval_dllm.lm:DLLM``. torch and our code are imported 
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.machinery
 import sys
 
@@ -34,8 +33,10 @@ def _load_class():
     return DLLM
 
 
-class _Loader(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader):
+# Plain classes, not importlib.abc subclasses: importing importlib.abc pulls in importlib.resources, pathlib,
+# tempfile, re... (~50 ms at every interpreter start). The import system only needs the methods.
+class _Loader:
+    def __init__(self, inner):
         self._inner = inner
 
     def create_module(self, spec):
@@ -46,7 +47,7 @@ class _Loader(importlib.abc.Loader):
         register(module)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     def find_spec(self, fullname, path, target=None):
         if fullname != _TARGET:
             return None

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache
+from lmeval_dllm.caches.base import Cache, check_compatible
 from lmeval_dllm.models.common import DiffusionLM
 from lmeval_dllm.samplers.base import DecodeState, Sampler
 
@@ -127,8 +127,8 @@ def generate(
             if sampler.sizes_canvas else f"strategy {sampler.name!r} needs a gen_length"
         )
     sampler.validate_lengths(config.gen_length, config.block_length)
-    if cache is not None and cache.name != "none" and not sampler.supports_cache:
-        raise ValueError(f"strategy {sampler.name!r} cannot run with a cache ({cache.name!r}): use cache=none")
+    cache = cache if cache is not None else Cache()
+    check_compatible(sampler, cache)
     device = model.device
     B, P = prompt_ids.shape
     G = sampler.initial_gen_length if sampler.sizes_canvas else config.gen_length
@@ -146,7 +146,6 @@ def generate(
         stop_token_ids=stop_token_ids.to(device), generator=generator,
         decoded_at=torch.full((B, P + G), -1, dtype=torch.long, device=device),
     )
-    cache = cache if cache is not None else Cache()
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     committed = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -171,6 +170,8 @@ def generate(
             # Only masked positions of active rows can be committed; only decoded ones re-masked.
             cols = state.x[:, span]
             commit = out.commit & (cols == mask_id) & active[:, None]
+            if state.fresh is not None:  # a cache skipped these columns: their logits are placeholders
+                commit &= state.fresh[:, span]
             new = torch.where(commit, out.tokens, cols)
             stamp = torch.where(commit, state.step, state.decoded_at[:, span])
             if out.remask is not None:

@@ -12,23 +12,32 @@ Decoding parameters (``gen_length``, ``block_length``, strategy, proposal and ca
 them). Precedence: what the user puts in ``--model_args`` > the task's generation kwargs (including
 ``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``; a strategy that chooses
 each answer's length itself (DAEDAL) uses neither, and a ``gen_length`` in ``--model_args`` is an error for it.
+
+Likelihood requests (multiple-choice tasks, perplexity) use the Monte-Carlo estimate of the LLaDA paper's bound
+(``lmeval_dllm.likelihood``). Under ``accelerate launch`` / ``torchrun`` each process takes its share of the
+requests (lm-eval shards them by our global rank) on its own device. See docs/usage.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import os
 import time
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.models.utils import Collator, handle_stop_sequences
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lmeval_dllm.caches import build_cache, cache_class, cache_params
+from lmeval_dllm.caches import build_cache, cache_class, cache_params, check_compatible
 from lmeval_dllm.generate import GenerationConfig, generate
+from lmeval_dllm.likelihood import MonteCarloLikelihood, estimate, greedy_matches
 from lmeval_dllm.params import coerce, did_you_mean, keyword_params
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class, sampler_params
 from lmeval_dllm.stats import RequestStats, StatsLog
@@ -48,8 +57,9 @@ LOOP_PARAMS: dict[str, tuple[Any, Any]] = {
     "block_length": (Optional[int], DEFAULT_BLOCK_LENGTH),
 }
 PROPOSAL_PARAMS = keyword_params(Proposal.from_params)
-# Standard lm-eval generation kwargs we understand besides the decoding parameters.
-LM_EVAL_GEN_KWARGS = ("until", "max_gen_toks", "do_sample")
+# lm-eval's spellings of the generation budget, by priority (as lm-eval's own normalize_gen_kwargs orders them).
+MAX_TOKENS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+DEFAULT_MAX_GEN_TOKS = 256
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -71,10 +81,18 @@ class DLLM(TemplateLM):
         batch_size: prompts decoded together (left-padded).
         trust_remote_code: let the *tokenizer* run remote code (Dream's tokenizer needs it). Our model
             modules never do.
-        max_length: longest prompt + generation accepted (default: the model's maximum position).
+        max_length: longest prompt + generation (or context + continuation) accepted (default: the model's
+            maximum position).
+        truncation: when a prompt is too long for ``max_length``, keep its last tokens (with a warning) instead
+            of failing.
         add_bos_token: prepend BOS when tokenising (default: the tokenizer's own behaviour; never twice).
-        seed: seed of the sampling RNG (temperature > 0, random remasking).
+        seed: seed of the sampling RNG (temperature > 0, random remasking) and of the likelihood estimates.
         stats_path: write per-request statistics as JSON lines to this file.
+        mc_num: Monte-Carlo samples per likelihood request (LLaDA paper: 128; 1 suffices for one-token answers).
+        mc_batch_size: samples per stratified group and per forward pass of the likelihood estimate.
+        is_check_greedy: also report whether one-token-per-step greedy decoding reproduces the continuation
+            (lm-eval's ``is_greedy``); costs one forward pass per continuation token. Off: always False.
+        sampling_eps: Dream's lowest mask rate in its likelihood estimate.
     """
 
     def __init__(
@@ -92,6 +110,11 @@ class DLLM(TemplateLM):
         add_bos_token: Optional[bool] = None,
         seed: int = 1234,
         stats_path: Optional[str] = None,
+        truncation: bool = False,
+        mc_num: int = 128,
+        mc_batch_size: int = 32,
+        is_check_greedy: bool = False,
+        sampling_eps: float = 1e-3,
         **decoding: Any,
     ):
         super().__init__()
@@ -106,13 +129,23 @@ class DLLM(TemplateLM):
         self.seed = coerce("seed", seed, int)
         self.stats_path = stats_path
         self.max_length_arg = coerce("max_length", max_length, Optional[int])
+        if self.max_length_arg is not None and self.max_length_arg < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+        self.truncation = coerce("truncation", truncation, bool)
+        self.is_check_greedy = coerce("is_check_greedy", is_check_greedy, bool)
+        self.estimator = MonteCarloLikelihood(  # the scheme follows the model family, once config.json is read
+            mc_num=coerce("mc_num", mc_num, int), mc_batch_size=coerce("mc_batch_size", mc_batch_size, int),
+            sampling_eps=coerce("sampling_eps", sampling_eps, float),
+        )
 
         # 2. Strategy, cache and decoding parameters: all checked before anything is loaded.
         self.strategy = strategy
         sampler_class(strategy)
         self.cache_name = None if cache in (None, "none") else cache
-        cache_class(self.cache_name)
-        cache_kwargs = {k: decoding.pop(k) for k in list(decoding) if k in cache_params(self.cache_name)}
+        check_compatible(sampler_class(strategy), cache_class(self.cache_name))
+        # A name both the cache and the strategy take (d2cache's and the certainty prior's `sigma`) goes to both.
+        cache_kwargs = {k: decoding[k] if k in sampler_params(strategy) else decoding.pop(k)
+                        for k in list(decoding) if k in cache_params(self.cache_name)}
         self.user_decoding = self._check_decoding(decoding, source="--model_args")
         chooser = sampler_class(strategy)
         if chooser.sizes_canvas and "gen_length" in self.user_decoding:
@@ -120,8 +153,6 @@ class DLLM(TemplateLM):
                 f"strategy {strategy!r} chooses each answer's length itself (initial_gen_length, max_gen_length): "
                 f"gen_length does not apply; remove gen_length={self.user_decoding['gen_length']}"
             )
-        if self.cache_name and not chooser.supports_cache:
-            raise ValueError(f"strategy {strategy!r} cannot run with a cache (cache={self.cache_name!r}): use cache=none")
         self._build_decoding(self.user_decoding, gen_length=self.user_decoding.get("gen_length"))
         self.cache = build_cache(self.cache_name, **cache_kwargs)
 
@@ -132,7 +163,9 @@ class DLLM(TemplateLM):
         self.pretrained = resolve_pretrained(pretrained)
         directory = resolve_checkpoint_dir(self.pretrained, revision)
         self.model_args = parse_args(read_config(directory), f"{directory}/config.json")
-        self._device = self._pick_device(device)
+        self.estimator = dataclasses.replace(self.estimator, scheme=self.model_args.family)
+        self.accelerator, self._rank, self._world_size = None, 0, 1
+        self._device = self._setup_processes(device) if _launched_world_size() > 1 else self._pick_device(device)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
@@ -141,7 +174,7 @@ class DLLM(TemplateLM):
         self.stop_token_ids = self._stop_token_ids()
         self.generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self.stats = StatsLog()
-        self._rank, self._world_size = 0, 1
+        self._merged_stats: Optional[StatsLog] = None  # all processes' statistics, on the main process
 
     # ------------------------------------------------------------------------------------------------------------
     # Arguments
@@ -182,10 +215,7 @@ class DLLM(TemplateLM):
 
     def _decoding_for(self, gen_kwargs: dict) -> tuple[GenerationConfig, Any, list[str]]:
         """Resolve one request group's settings: user's --model_args > task gen kwargs > defaults."""
-        kwargs = normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256)
-        until = kwargs.pop("until", None)
-        max_gen_toks = kwargs.pop("max_gen_toks")
-        kwargs.pop("do_sample", None)
+        kwargs, until, max_gen_toks = split_gen_kwargs(gen_kwargs)
         task = self._check_decoding(kwargs, source="the task's generation_kwargs / --gen_kwargs")
         params = {**task, **self.user_decoding}
         if sampler_class(self.strategy).sizes_canvas:
@@ -202,6 +232,23 @@ class DLLM(TemplateLM):
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         return config, sampler, handle_stop_sequences(until, eos=eos)
 
+    def _setup_processes(self, device: Optional[str]) -> torch.device:
+        """Data parallel under ``accelerate launch`` / ``torchrun``: join the process group, take the *global*
+        rank (so that requests are sharded across nodes too) and this process's own device."""
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        if device not in (None, "auto", "cuda", "cpu"):
+            eval_logger.info("device=%s ignored: under a multi-process launch every process uses its own "
+                             "device (cuda:LOCAL_RANK)", device)
+        # A long timeout: processes wait for each other at the end of each request type, and decoding speed
+        # differs between shards.
+        self.accelerator = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        dev = self.accelerator.device
+        eval_logger.info("dllm: process %d of %d on %s", self._rank, self._world_size, dev)
+        return torch.device("cpu") if dev.type == "cpu" else dev
+
     def _pick_device(self, device: Optional[str]) -> torch.device:
         if device is None or device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -215,8 +262,11 @@ class DLLM(TemplateLM):
         import transformers
 
         try:
+            # An empty config: the tokenizer class comes from tokenizer_config.json, and transformers does not try
+            # (and warn about failing) to build a config for a model_type it does not know.
             tok = transformers.AutoTokenizer.from_pretrained(
-                pretrained, revision=revision, trust_remote_code=self.trust_remote_code
+                pretrained, revision=revision, trust_remote_code=self.trust_remote_code,
+                config=transformers.PretrainedConfig(),
             )
         except ValueError as e:
             if "trust_remote_code" in str(e) and not self.trust_remote_code:
@@ -264,6 +314,36 @@ class DLLM(TemplateLM):
         return self._world_size
 
     @property
+    def prefix_token_id(self) -> int:
+        """What an empty context (and the first rolling window) is conditioned on: BOS, else EOS (as HFLM)."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.world_size <= 1 else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst: int = 0):
+        """lm-eval gathers per-sample metrics (and logged samples) to the main process with this, on every
+        process, once all requests are done. Our decoding statistics travel in the same collective: no extra
+        synchronisation point that a process could skip (e.g. one whose requests were all in the
+        ``--use_cache`` database) and hang on."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object((obj, self.stats), object_gather_list=gathered, dst=dst)
+        if self.rank != dst:
+            return None
+        self._merged_stats = StatsLog.merge([stats for _, stats in gathered])
+        self._write_stats(self._merged_stats)  # once, by one process
+        return [o for o, _ in gathered]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    @property
     def tokenizer_name(self) -> str:
         return self.tokenizer.name_or_path.replace("/", "__")
 
@@ -274,22 +354,32 @@ class DLLM(TemplateLM):
         )
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> list[int]:
+        """Token ids of ``string``. Any Unicode (control characters included) is encoded as is; a lone UTF-16
+        surrogate, which no UTF-8 tokenizer can take, becomes U+FFFD (with a warning)."""
+        string = _valid_unicode(string)
+        bos = self.tokenizer.bos_token
         if add_special_tokens is None:
-            bos = self.tokenizer.bos_token
             if bos and string.startswith(bos):
                 add_special_tokens = False  # the chat template already put BOS there: never twice
             elif self.add_bos_token is not None:
                 add_special_tokens = self.add_bos_token
         kw = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-        return self.tokenizer.encode(string, **kw)
+        ids = self.tokenizer.encode(string, **kw)
+        bos_id = self.tokenizer.bos_token_id
+        if self.add_bos_token and add_special_tokens and bos_id is not None and ids[:1] != [bos_id]:
+            ids = [bos_id] + ids  # tokenizers without a BOS post-processor (Dream's Qwen2 tokenizer)
+        return ids
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def get_model_info(self) -> dict:
         """lm-eval adds this to results['config']: our aggregated decoding statistics go there."""
+        stats = self._merged_stats if self._merged_stats is not None else self.stats
         info = {"dllm_strategy": self.strategy, "dllm_cache": self.cache_name or "none",
-                "dllm_stats": self.stats.summary()}
+                "dllm_stats": stats.summary()}
+        if self.world_size > 1:
+            info["dllm_processes"] = self.world_size
         if self.stats_path:
             info["dllm_stats_path"] = self.stats_path
         return info
@@ -330,22 +420,47 @@ class DLLM(TemplateLM):
     # Decoding one batch
 
     def _generate_batch(self, contexts: list[str], config: GenerationConfig, sampler, until: list[str]) -> list[str]:
-        encoded = [self.tok_encode(c) for c in contexts]
+        """Decode one batch; on CUDA out-of-memory, decode its halves separately (see :func:`split_on_oom`)."""
+        # A strategy that chooses the length (DAEDAL) may use up to its max_gen_length positions.
         longest, what = (config.gen_length, "gen_length") if config.gen_length is not None else \
             (sampler.max_gen_length, "max_gen_length")
-        for c, e in zip(contexts, encoded):
-            if len(e) + longest > self.max_length:
+        encoded = [self._fit_prompt(c, self.tok_encode(c), longest, what) for c in contexts]
+
+        def describe(i: int) -> str:
+            return (f"one prompt of {len(encoded[i])} tokens + {what}={longest} "
+                    f"({len(encoded[i]) + longest} positions)")
+
+        return split_on_oom(lambda lo, hi: self._decode(encoded[lo:hi], config, sampler, until), 0, len(encoded),
+                            join=lambda parts: parts[0] + parts[1], describe=describe, on_split=self._note_split,
+                            hint="; lower gen_length or the prompt length (max_length with truncation=True), use "
+                                 "a cache, or a GPU with more memory")
+
+    def _fit_prompt(self, context: str, ids: list[int], gen_length: int, what: str = "gen_length") -> list[int]:
+        """The prompt's ids if prompt + generation fit in ``max_length``; else its last tokens if
+        ``truncation=True``, else an error. Dream needs at least one prompt token. ``what`` names the length."""
+        room = self.max_length - gen_length
+        if room < 1:
+            raise ValueError(f"{what}={gen_length} leaves no room for a prompt in max_length={self.max_length}")
+        if len(ids) > room:
+            if not self.truncation:
                 raise ValueError(
-                    f"prompt of {len(e)} tokens + {what}={longest} exceeds max_length="
-                    f"{self.max_length} (prompt starts {c[:60]!r}); raise max_length or shorten the prompt"
+                    f"prompt of {len(ids)} tokens + {what}={gen_length} exceeds max_length={self.max_length} "
+                    f"(prompt starts {context[:60]!r}); raise max_length, shorten the prompt, or pass "
+                    f"truncation=True to keep its last {room} tokens"
                 )
-            if not e and self.model.logit_shift:
-                raise ValueError("empty prompt: Dream predicts each position from the one before it, so it needs "
-                                 "at least one prompt token (e.g. BOS: add_bos_token=True)")
+            eval_logger.warning("prompt of %d tokens cut to its last %d (max_length=%d, %s=%d)",
+                                len(ids), room, self.max_length, what, gen_length)
+            ids = ids[len(ids) - room:]
+        if not ids and self.model.logit_shift:
+            raise ValueError("empty prompt: Dream predicts each position from the one before it, so it needs "
+                             "at least one prompt token (e.g. BOS: add_bos_token=True)")
+        return ids
+
+    def _decode(self, encoded: list[list[int]], config: GenerationConfig, sampler, until: list[str]) -> list[str]:
         P = max(len(e) for e in encoded)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (P - len(e)) + e for e in encoded], dtype=torch.long)
-        mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in encoded])
+        mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in encoded], dtype=torch.bool)
 
         def stop_strings_seen(gen: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
             return self._stop_strings_seen(gen, finished, until)
@@ -370,6 +485,10 @@ class DLLM(TemplateLM):
                                       wall_time_s=elapsed, batch_size=len(encoded)))
         self.stats.add_batch(stats, elapsed, out.steps)
         return texts
+
+    def _note_split(self, n: int) -> None:
+        self.stats.oom_splits += 1
+        eval_logger.warning("CUDA out of memory on a batch of %d: retrying as %d + %d", n, n // 2, n - n // 2)
 
     def _postprocess(self, answer_tokens: list[int], until: list[str]) -> str:
         """Decode the tokens before the first stop token, then cut at the first stop string."""
@@ -400,19 +519,183 @@ class DLLM(TemplateLM):
 
     def _log_stats(self) -> None:
         summary = self.stats.summary()
-        eval_logger.info("dllm decoding statistics: %s", summary)
+        eval_logger.info("dllm decoding statistics%s: %s",
+                         f" (process {self.rank})" if self.world_size > 1 else "", summary)
+        if self.world_size == 1:  # several processes: the main one writes everyone's, see gather_object
+            self._write_stats(self.stats)
+
+    def _write_stats(self, stats: StatsLog) -> None:
         if self.stats_path:
             os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
-            self.stats.write_jsonl(self.stats_path)
+            stats.write_jsonl(self.stats_path)
 
     # ------------------------------------------------------------------------------------------------------------
     # Likelihood requests
 
-    def _loglikelihood_tokens(self, requests, **kwargs):
-        raise NotImplementedError("loglikelihood requests are not supported by the dllm model yet")
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """``requests``: ((context, continuation), context ids, continuation ids), from lm-eval's
+        ``TemplateLM.loglikelihood`` (BOS / empty-context handling and trailing-space moves done there).
+        Returns (estimate of log p(continuation | context), is_greedy) per request, in order."""
+        anchor = [self.eot_token_id] if self.estimator.anchors_eos else []
+        # Every length is checked before any model work.
+        pairs = [self._fit_pair(ctx, cont, anchor) for _, ctx, cont in requests]
+        out = []
+        for (key, _, _), (ctx, cont) in zip(requests, tqdm(pairs, disable=disable_tqdm or self.rank != 0,
+                                                            desc="dllm loglikelihood")):
+            if not cont:  # nothing to score: log p(empty) = 0, and decoding nothing reproduces it
+                out.append((0.0, True))
+            else:
+                greedy = self.is_check_greedy and self._greedy(ctx, cont, anchor)
+                out.append((self._estimate(ctx, cont, anchor), greedy))
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, out[-1])
+        self._log_stats()
+        return out
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError("loglikelihood_rolling requests are not supported by the dllm model yet")
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole documents: lm-eval's rolling windows (``get_rolling_token_windows``,
+        ``make_disjoint_window``; the first conditioned on BOS), each estimated as a continuation of its
+        context with the same Monte-Carlo estimator, summed. No EOS anchor: a window does not end the text."""
+        out = []
+        for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="dllm loglikelihood_rolling"):
+            (string,) = req.args
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length - 1, context_len=1,  # - 1: the context token is part of our input
+            )
+            total = sum(self._estimate(ctx, cont, []) for ctx, cont in map(make_disjoint_window, windows))
+            out.append(float(total))
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), out[-1])
+        self._log_stats()
+        return out
+
+    def _fit_pair(self, context: list[int], continuation: list[int], anchor: list[int]) -> tuple[list, list]:
+        """Context and continuation ids that fit in ``max_length`` (context cut on the left when
+        ``truncation=True``); a continuation is never cut (an empty one is scored 0 without the model)."""
+        room = self.max_length - len(continuation) - len(anchor)
+        if room < 1:
+            raise ValueError(f"continuation of {len(continuation)} tokens does not fit in max_length="
+                             f"{self.max_length} with at least one context token")
+        if len(context) > room:
+            if not self.truncation:
+                raise ValueError(
+                    f"context of {len(context)} tokens + continuation of {len(continuation)} tokens exceeds "
+                    f"max_length={self.max_length}; raise max_length or pass truncation=True to keep the "
+                    f"context's last {room} tokens"
+                )
+            eval_logger.warning("context of %d tokens cut to its last %d (max_length=%d)", len(context), room,
+                                self.max_length)
+            context = context[len(context) - room:]
+        return list(context), list(continuation)
+
+    def _estimate(self, context: list[int], continuation: list[int], anchor: list[int]) -> float:
+        n_tokens = len(context) + len(continuation) + len(anchor)
+
+        def run_rows(score: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
+            def counted(lo: int, hi: int) -> torch.Tensor:
+                result = score(lo, hi)
+                self.stats.likelihood_forward_passes += 1
+                return result
+
+            return split_on_oom(counted, 0, n, join=torch.cat, on_split=self._note_split,
+                                describe=lambda i: f"one Monte-Carlo sample of {n_tokens} tokens (context "
+                                                   f"{len(context)} + continuation {len(continuation)})",
+                                hint="; lower max_length (with truncation=True), or use a GPU with more memory")
+
+        start = time.perf_counter()
+        ll = estimate(self.model, context, continuation, self.estimator, seed=self.seed, anchor_ids=anchor,
+                      run_rows=run_rows)
+        self.stats.likelihood_requests += 1
+        self.stats.likelihood_rows += self.estimator.mc_num
+        self.stats.likelihood_time_s += time.perf_counter() - start
+        return ll
+
+    def _greedy(self, context: list[int], continuation: list[int], anchor: list[int]) -> bool:
+        start = time.perf_counter()
+        try:
+            return greedy_matches(self.model, context, continuation, anchor)
+        except torch.cuda.OutOfMemoryError:
+            raise torch.cuda.OutOfMemoryError(
+                f"out of memory in the greedy check of a continuation of {len(continuation)} tokens after "
+                f"{len(context)} context tokens (one row); is_check_greedy=False skips it"
+            ) from None
+        finally:
+            self.stats.likelihood_forward_passes += len(continuation)
+            self.stats.likelihood_time_s += time.perf_counter() - start
+
+
+T = TypeVar("T")
+
+
+def split_on_oom(
+    run: Callable[[int, int], T],
+    lo: int,
+    hi: int,
+    *,
+    join: Callable[[list[T]], T],
+    describe: Callable[[int], str],
+    hint: str = "",
+    on_split: Callable[[int], None] = lambda n: None,
+) -> T:
+    """``run(lo, hi)`` over items [lo, hi); on a CUDA out-of-memory error, free the cached memory and run the two
+    halves separately, recursively, down to single items.
+
+    Every item gets exactly one result, in order (``join`` concatenates the halves' results). An item that does
+    not fit even alone raises ``torch.cuda.OutOfMemoryError`` with ``describe(item)`` and ``hint``. Other errors
+    pass through.
+    """
+    message = None
+    try:
+        return run(lo, hi)
+    except torch.cuda.OutOfMemoryError as e:
+        message = str(e).split("\n")[0] or "CUDA out of memory"
+    # Outside the handler, so the exception's traceback (and the tensors its frames hold) is already released.
+    _release_memory()
+    if hi - lo == 1:
+        raise torch.cuda.OutOfMemoryError(f"{describe(lo)} does not fit in GPU memory even alone ({message}){hint}")
+    mid = (lo + hi) // 2
+    on_split(hi - lo)
+    kw = dict(join=join, describe=describe, hint=hint, on_split=on_split)
+    return join([split_on_oom(run, lo, mid, **kw), split_on_oom(run, mid, hi, **kw)])
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _launched_world_size() -> int:
+    """Processes started by ``accelerate launch`` / ``torchrun`` (their WORLD_SIZE); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _valid_unicode(text: str) -> str:
+    """``text``, with each lone UTF-16 surrogate (valid in a Python str, not in UTF-8) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        eval_logger.warning("text with lone UTF-16 surrogates: each replaced by U+FFFD (text starts %r)", text[:40])
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def split_gen_kwargs(gen_kwargs: dict) -> tuple[dict, list[str], int]:
+    """A request's generation kwargs -> (decoding parameters, stop strings, max_gen_toks).
+
+    lm-eval's standard keys: ``until``; ``max_gen_toks`` (or ``max_new_tokens`` / ``max_tokens`` /
+    ``max_completion_tokens``); ``do_sample`` (False forces ``temperature=0``, as lm-eval does). Everything else is
+    returned as a decoding parameter, to be validated. The task's lists are never modified.
+    """
+    kwargs = dict(gen_kwargs)
+    until = kwargs.pop("until", None)
+    until = [until] if isinstance(until, str) else list(until or [])
+    budgets = [kwargs.pop(k) for k in MAX_TOKENS_KEYS if k in kwargs]
+    budgets = [b for b in budgets if b is not None]
+    max_gen_toks = int(coerce("max_gen_toks", budgets[0], int)) if budgets else DEFAULT_MAX_GEN_TOKS
+    if kwargs.pop("do_sample", None) is False:
+        kwargs["temperature"] = 0.0
+    return kwargs, until, max_gen_toks
 
 
 def _cache_names():

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
 import typing
 from typing import Any, Iterable, Union
+
+_UNIONS = (Union, types.UnionType)  # Optional[int] and int | None
 
 
 def did_you_mean(name: str, options: Iterable[str]) -> str:
@@ -31,7 +34,7 @@ def keyword_params(fn) -> dict[str, tuple[Any, Any]]:
 
 def _describe(tp) -> str:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is Union:
+    if typing.get_origin(tp) in _UNIONS:
         inner = [a for a in args if a is not type(None)]
         return " or ".join(_describe(a) for a in inner) + (" or None" if type(None) in args else "")
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
@@ -39,7 +42,7 @@ def _describe(tp) -> str:
 
 def coerce(name: str, value: Any, tp) -> Any:
     """Convert ``value`` to ``tp`` (bool, int, float, str, Optional of those) or raise ValueError."""
-    if typing.get_origin(tp) is Union:
+    if typing.get_origin(tp) in _UNIONS:
         args = typing.get_args(tp)
         if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None

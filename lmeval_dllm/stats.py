@@ -10,7 +10,12 @@ Definitions (per request; a request is one prompt of a batch):
 - ``tokens_per_s``: ``answer_tokens / wall_time_s``; ``tokens_per_step``: ``answer_tokens / nfe``.
 
 The aggregate sums tokens and forward passes and counts each batch's time once, so ``tokens_per_s`` is total
-answer tokens over total generation time (throughput), not a mean of per-request ratios.
+answer tokens over total generation time (throughput), not a mean of per-request ratios. Under several
+processes the logs of all processes are merged (:meth:`StatsLog.merge`): times add up, so ``tokens_per_s`` is
+the throughput of one process, not of the whole run.
+
+Likelihood requests (``loglikelihood``, ``loglikelihood_rolling``) are counted apart: requests, Monte-Carlo
+rows scored, forward passes and their wall time.
 """
 
 from __future__ import annotations
@@ -48,6 +53,28 @@ class StatsLog:
     batch_times: list[float] = field(default_factory=list)
     batch_steps: list[int] = field(default_factory=list)
     peak_memory_gb: Optional[float] = None
+    likelihood_requests: int = 0
+    likelihood_rows: int = 0  # Monte-Carlo samples scored (and greedy-check passes)
+    likelihood_forward_passes: int = 0
+    likelihood_time_s: float = 0.0
+    oom_splits: int = 0  # batches split in two after a CUDA out-of-memory error
+
+    @classmethod
+    def merge(cls, logs: list["StatsLog"]) -> "StatsLog":
+        """One log from the logs of several processes (requests in process order; peak memory: the largest)."""
+        out = cls()
+        for log in logs:
+            out.requests.extend(log.requests)
+            out.batch_times.extend(log.batch_times)
+            out.batch_steps.extend(log.batch_steps)
+            if log.peak_memory_gb is not None:
+                out.peak_memory_gb = max(out.peak_memory_gb or 0.0, log.peak_memory_gb)
+            out.likelihood_requests += log.likelihood_requests
+            out.likelihood_rows += log.likelihood_rows
+            out.likelihood_forward_passes += log.likelihood_forward_passes
+            out.likelihood_time_s += log.likelihood_time_s
+            out.oom_splits += log.oom_splits
+        return out
 
     def add_batch(self, stats: list[RequestStats], wall_time_s: float, steps: int) -> None:
         self.requests.extend(stats)
@@ -55,6 +82,19 @@ class StatsLog:
         self.batch_steps.append(steps)
 
     def summary(self) -> dict:
+        out = self._generation_summary()
+        if self.likelihood_requests:
+            out["likelihood"] = {
+                "requests": self.likelihood_requests,
+                "rows": self.likelihood_rows,
+                "forward_passes": self.likelihood_forward_passes,
+                "total_time_s": self.likelihood_time_s,
+            }
+        if self.oom_splits:
+            out["oom_splits"] = self.oom_splits
+        return out
+
+    def _generation_summary(self) -> dict:
         n = len(self.requests)
         if n == 0:
             return {"requests": 0}

@@ -284,6 +284,45 @@ def test_tiny_batch_equals_each_prompt_alone(request, family, low):
         assert alone.nfe[0] == batch.nfe[i] and n == batch.gen_lengths[i]
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_caches_refreshed_every_step_give_the_no_cache_decode(request, cache):
+    """Growing rows go through prefix / dual caches (they notice the new length); refreshed at every step they
+    are exact, insertions included."""
+    from transformers import AutoTokenizer
+
+    from lmeval_dllm.caches import build_cache
+    from lmeval_dllm.models import load_model
+
+    ck = request.getfixturevalue("llada_dir")
+    model, tok = load_model(ck), AutoTokenizer.from_pretrained(ck)
+    enc = [tok(p, add_special_tokens=False).input_ids for p in ["What is 12+30?", "A longer prompt, with punctuation!"]]
+    P = max(map(len, enc))
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
+    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    kw = dict(initial_gen_length=8, max_gen_length=40, num_check_last_eot=4, expansion_factor=4,
+              initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=0.03, threshold=0.05)
+    exact = generate(model, ids, mask, daedal(eos=tok.eos_token_id, **kw), GenerationConfig(None, 8),
+                     stop_token_ids=NEVER)
+    assert exact.gen_lengths.tolist() == [40, 16]  # both rows insert masks while decoding
+    cached = generate(model, ids, mask, daedal(eos=tok.eos_token_id, **kw), GenerationConfig(None, 8),
+                      stop_token_ids=NEVER, cache=build_cache(cache, refresh_interval=1))
+    assert cached.tokens.tolist() == exact.tokens.tolist() and cached.nfe.tolist() == exact.nfe.tolist()
+    approx = generate(model, ids, mask, daedal(eos=tok.eos_token_id, **kw), GenerationConfig(None, 8),
+                      stop_token_ids=NEVER, cache=build_cache(cache))
+    n = approx.gen_lengths
+    assert all((approx.tokens[i, :n[i]] != model.mask_token_id).all() for i in range(2))
+
+
+@pytest.mark.parametrize("cache", ["dllm", "d2cache"])
+def test_caches_that_cannot_follow_a_growing_canvas_are_refused(cache):
+    from lmeval_dllm.caches import build_cache
+
+    with pytest.raises(ValueError, match=f"strategy 'daedal' cannot be used with cache='{cache}': the strategy "
+                                         "changes the canvas length while decoding"):
+        generate(Script([ROW_B]), torch.tensor([[1, 2]]), None, daedal(**SETTINGS), GenerationConfig(None, 4),
+                 stop_token_ids=NEVER, cache=build_cache(cache))
+
+
 # --- the lm_eval command line ----------------------------------------------------------------------------------
 
 

@@ -81,3 +81,4 @@ def test_steps_must_fit_the_blocks():
 def test_unknown_strategy_suggests():
     with pytest.raises(ValueError, match="unknown strategy 'vanila'; did you mean 'vanilla'\\? available: vanilla"):
         build_sampler("vanila", Proposal.from_params())
+

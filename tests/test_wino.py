@@ -11,7 +11,7 @@ import torch
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
 from lmeval_dllm.samplers.base import DecodeState
-from lmeval_dllm.samplers.wino import WinoSampler, shadow_inputs, token_probability
+from lmeval_dllm.samplers.wino import WinoSampler, shadow_rows, token_probability
 
 V, MASK, EOS = 32, 31, 30
 NEVER = torch.tensor([10**6])  # a stop token that never occurs: decode every block
@@ -158,40 +158,44 @@ def test_invalid_parameters(kw, msg):
 
 @pytest.mark.parametrize("shift", [0, 1])
 def test_shadow_attention_leaves_out_exactly_the_own_position(shift):
+    from lmeval_dllm.caches.base import extended_mask
+
     B, P, G, L = 2, 3, 8, 4
     x = torch.randint(0, 20, (B, P + G))
     key_mask = torch.ones(B, P + G, dtype=torch.bool)
     key_mask[1, 0] = False  # a left-padded prompt
     pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
     block = slice(P + 4, P + 8)
-    ids, ids_pos, att, rows = shadow_inputs(x, pos, key_mask, block, MASK, shift)
-    T, S = P + G, L * (1 + shift)
-    att = att[:, 0]
-    assert ids.shape == (B, T + S) and att.shape == (B, T + S, T + S) and rows.shape == (2 * L,)
-    assert not att[:, :T, T:].any()  # no real token sees the shadow block
-    assert torch.equal(att[:, :T, :T], key_mask[:, None, :].expand(B, T, T))
-    queries = att[:, T + S - L:]  # the rows whose outputs are the leave-one-out predictions
+    extra = shadow_rows(x, pos, key_mask, block, MASK, shift)
+    T, E = P + G, L * (1 + shift)
+    sees = extra.sees
+    assert extra.ids.shape == extra.position_ids.shape == (B, E) and sees.shape == (B, E, T + E)
+    queries = sees[:, E - L:]  # the rows whose outputs are the leave-one-out predictions
     blocked = ~queries[:, :, :T] & key_mask[:, None, :]  # blocked real, non-padding keys
     assert blocked.sum(-1).tolist() == [[1] * L] * B  # exactly one per shadow row ...
     assert blocked.nonzero()[:, 2].view(B, L).tolist() == [list(range(block.start, block.stop))] * B  # ... its own
-    assert not att[1, T:, 0].any()  # padding stays hidden from the shadow too
-    assert torch.equal(ids_pos[:, T:T + L], pos[:, block])  # the [MASK] stand-ins sit at the block's positions
-    assert (ids[:, T:T + L] == MASK).all()
+    assert not sees[1, :, 0].any()  # padding stays hidden from the shadow too
+    assert torch.equal(extra.position_ids[:, :L], pos[:, block])  # [MASK] stand-ins at the block's positions
+    assert (extra.ids[:, :L] == MASK).all()
     if shift == 0:
-        assert rows.tolist() == list(range(block.start, block.stop)) + list(range(T, T + L))
-        assert att[:, T:, T:].all()  # LLaDA: shadow tokens see each other (the release's mask)
+        assert sees[:, :, T:].all()  # LLaDA: shadow tokens see each other (the release's mask)
     else:  # Dream: Q_i = column s+i-1 at its position, predicting s+i; sees every stand-in and itself only
-        assert torch.equal(ids[:, T + L:], x[:, block.start - 1:block.stop - 1])
-        assert torch.equal(ids_pos[:, T + L:], pos[:, block.start - 1:block.stop - 1])
-        assert rows.tolist() == list(range(block.start - 1, block.stop - 1)) + list(range(T + L, T + 2 * L))
-        assert att[:, T + L:, T:T + L].all() and torch.equal(att[0, T + L:, T + L:], torch.eye(L, dtype=torch.bool))
-        assert not att[:, T:T + L, T + L:].any()
+        assert torch.equal(extra.ids[:, L:], x[:, block.start - 1:block.stop - 1])
+        assert torch.equal(extra.position_ids[:, L:], pos[:, block.start - 1:block.stop - 1])
+        assert sees[:, L:, T:T + L].all() and torch.equal(sees[0, L:, T + L:], torch.eye(L, dtype=torch.bool))
+        assert not sees[:, :L, T + L:].any()
+    # through the cache seam, no canvas row sees the shadow block
+    state = DecodeState(x=x, position_ids=pos, attention_mask=key_mask, prompt_len=P, mask_token_id=MASK,
+                        stop_token_ids=NEVER)
+    full = extended_mask(state, extra, torch.arange(T))[:, 0]
+    assert not full[:, :T, T:].any() and torch.equal(full[:, :T, :T], key_mask[:, None, :].expand(B, T, T))
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_one_layer_shadow_prediction_ignores_only_its_own_token(tmp_path, family):
     """With one layer every key comes straight from the embeddings, so the leave-one-out row for column s+i
     cannot depend on the token at s+i, and does depend on the others (Dream: mind the logit shift)."""
+    from lmeval_dllm.caches import Cache
     from lmeval_dllm.models import load_model
     from lmeval_dllm.tiny import write_checkpoint
 
@@ -207,7 +211,7 @@ def test_one_layer_shadow_prediction_ignores_only_its_own_token(tmp_path, family
 
     def shadow(canvas):
         state.x = canvas
-        return sampler.forward(model, None, state, block)[0, L:]
+        return sampler.forward(model, Cache(), state, block)[0, L:]
 
     base = shadow(x)
     for i in range(L):
@@ -347,16 +351,36 @@ def test_rows_finish_their_blocks_independently():
                                                                              4, 4, 4, 5, 5, 6, 7, 4]
 
 
-def test_no_cache_with_wino(llada_dir):
-    from lmeval_dllm.caches.base import Cache
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_caches_refreshed_every_step_give_the_no_cache_decode(tiny_dir, cache):
+    """The shadow block runs as extra rows through prefix / dual caches; refreshed at every step they are exact."""
+    from lmeval_dllm.caches import build_cache
 
-    class SomeCache(Cache):
-        name = "dual"
+    model, tok = _tiny(tiny_dir)
+    prompts = ["What is 12+30?", "Hi"]
+    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    P = max(map(len, enc))
+    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
+    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    kw = {"wide_in_thres": 0.02, "narrow_out_thres": 0.5}
+    exact = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER)
+    cached = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,
+                      cache=build_cache(cache, refresh_interval=1))
+    assert cached.tokens.tolist() == exact.tokens.tolist() and cached.nfe.tolist() == exact.nfe.tolist()
+    approx = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,
+                      cache=build_cache(cache))
+    assert (approx.tokens != model.mask_token_id).all()
+
+
+@pytest.mark.parametrize("cache", ["dllm", "d2cache"])
+def test_caches_without_extra_rows_are_refused(llada_dir, cache):
+    from lmeval_dllm.caches import build_cache
 
     model, _ = _tiny(llada_dir)
-    with pytest.raises(ValueError, match="strategy 'wino' cannot run with a cache \\('dual'\\): use cache=none"):
+    with pytest.raises(ValueError, match=f"strategy 'wino' cannot be used with cache='{cache}': the strategy runs "
+                                         "rows that are not part of the canvas"):
         generate(model, torch.tensor([[1, 2]]), None, wino(), GenerationConfig(4, 4), stop_token_ids=NEVER,
-                 cache=SomeCache())
+                 cache=build_cache(cache))
 
 
 # --- the lm_eval command line ----------------------------------------------------------------------------------

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lmeval_dllm.caches.base import Cache
+from lmeval_dllm.caches.base import FEATURES, Cache, ExtraRows, check_compatible
+from lmeval_dllm.caches.d2cache import D2Cache
+from lmeval_dllm.caches.dllm_cache import DLLMCache
+from lmeval_dllm.caches.dual import DualCache
+from lmeval_dllm.caches.prefix import PrefixCache
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
 
-CACHES: dict[str, type[Cache]] = {}  # name -> class; "none" (or no cache argument) is the exact computation
+# name -> class; "none" (or no cache argument) is the exact computation
+CACHES: dict[str, type[Cache]] = {
+    "prefix": PrefixCache,  # Fast-dLLM prefix cache (arXiv:2505.22618)
+    "dual": DualCache,  # Fast-dLLM dual cache (arXiv:2505.22618)
+    "dllm": DLLMCache,  # dLLM-Cache (arXiv:2506.06295)
+    "d2cache": D2Cache,  # d2Cache (arXiv:2509.23094)
+}
 
 
 def cache_class(name: Optional[str]) -> type[Cache]:
@@ -30,4 +40,5 @@ def build_cache(name: Optional[str], **kwargs: Any) -> Cache:
     return cls(**coerce_kwargs(cls.__init__, kwargs, f"cache {name!r}"))
 
 
-__all__ = ["CACHES", "Cache", "build_cache", "cache_class", "cache_params"]
+__all__ = ["CACHES", "FEATURES", "Cache", "ExtraRows", "build_cache", "cache_class", "cache_params",
+           "check_compatible"]

@@ -1,36 +1,150 @@
-"""The cache interface, and the no-cache baseline.
+"""The cache interface, the no-cache baseline, and the rule that says which strategy can use which cache.
 
-A cache decides, each step, which canvas rows run through the transformer and supplies the keys/values of
-the others. It meets the model in one place, inside attention: ``k, v = cache.update(layer_idx, k, v)``
-receives the fresh K/V of the rows being run and returns the full-length K/V to attend to (gpt-fast's
-``KVCache.update``). Lifecycle hooks have no-op defaults. Per-call storage is allocated in :meth:`setup`
-and reused for every step.
+A cache decides, each step, which canvas rows run through the transformer and supplies what the other rows
+contribute. It meets the model in one place, inside attention: ``k, v = cache.update(layer_idx, k, v)`` receives
+the fresh K/V of the rows being run and returns the full-length K/V to attend to (gpt-fast's
+``KVCache.update``). A cache that reuses more than K/V (dLLM-Cache: attention and FFN outputs; d2Cache: it also
+needs attention scores) drives the layers itself through ``Block.qkv / attend / mlp``. Lifecycle hooks have
+no-op defaults. Storage is allocated in :meth:`Cache.setup` (once per batch shape) and reused for every step.
+
+What a strategy does to use a cache:
+
+- nothing, if it decodes with the usual forward (``Sampler.forward`` -> ``cache.forward(model, state, span)``)
+  and picks its candidates with ``state.candidates(span)`` (which excludes columns whose logits a cache did not
+  recompute, ``state.fresh``);
+- a strategy that runs rows that are not part of the canvas (WINO's shadow block) passes them as
+  :class:`ExtraRows` to ``cache.forward(model, state, span, extra=...)`` and declares
+  ``cache_needs = frozenset({"extra_rows"})``;
+- a strategy that changes the canvas length while decoding (DAEDAL) replaces ``state.x`` / ``position_ids`` /
+  ``attention_mask`` (and ``decoded_at``) with the longer tensors and declares ``cache_needs = {"resize"}``; a
+  cache notices the new length at its next forward.
+
+:func:`check_compatible` rejects, before any model work, a cache that lacks something the strategy needs.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
+from lmeval_dllm.caches.graphs import StepGraphs
 from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState, StepOutput
+from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+
+# What a strategy may need from a cache besides the usual forward (``Sampler.cache_needs``).
+FEATURES: dict[str, str] = {
+    "extra_rows": "runs rows that are not part of the canvas alongside it (WINO's leave-one-out shadow block)",
+    "resize": "changes the canvas length while decoding (DAEDAL inserts masks)",
+}
+
+
+@dataclass
+class ExtraRows:
+    """Rows run together with the canvas that are not part of it (WINO's shadow block).
+
+    Canvas rows never attend to extra rows; extra rows attend to what ``sees`` allows. Their logits are the raw
+    outputs of those rows (no logit shift: a Dream strategy aligns them itself).
+    """
+
+    ids: torch.Tensor  # (B, E) long
+    position_ids: torch.Tensor  # (B, E) long: RoPE positions (WINO: those of the block columns they shadow)
+    sees: torch.Tensor  # (B, E, T + E) bool: keys each extra row attends to, canvas keys first, then extra keys
+
+    @property
+    def count(self) -> int:
+        return self.ids.shape[1]
+
+
+def check_compatible(sampler: Sampler | type[Sampler], cache: Cache | type[Cache]) -> None:
+    """Raise ValueError if the strategy needs something the cache cannot do (e.g. WINO with dllm)."""
+    for feature in sorted(sampler.cache_needs):
+        if feature not in FEATURES:
+            raise ValueError(f"strategy {sampler.name!r} declares an unknown cache need {feature!r}; "
+                             f"known: {', '.join(FEATURES)}")
+        if feature in cache.lacks:
+            raise ValueError(
+                f"strategy {sampler.name!r} cannot be used with cache={cache.name!r}: the strategy "
+                f"{FEATURES[feature]}, and {cache.lacks[feature]}. Use a cache that supports it "
+                f"(cache=none, prefix or dual)."
+            )
+
+
+def key_padding(state: DecodeState, keys: int) -> torch.Tensor:
+    """(B, keys) bool: the canvas key-padding mask padded with ``True`` (or all True without padding)."""
+    B, T = state.x.shape
+    if state.attention_mask is None:
+        return torch.ones(B, keys, dtype=torch.bool, device=state.x.device)
+    if keys == T:
+        return state.attention_mask
+    return torch.cat([state.attention_mask, state.attention_mask.new_ones(B, keys - T)], dim=1)
+
+
+def extended_mask(state: DecodeState, extra: ExtraRows, query_cols: torch.Tensor) -> torch.Tensor:
+    """(B, 1, Q + E, T + E) bool attention mask for canvas query columns ``query_cols`` (Q,) followed by the
+    extra rows: canvas rows see the canvas keys (minus padding) and no extra key; extra rows see ``extra.sees``."""
+    B, T = state.x.shape
+    E = extra.count
+    canvas = torch.cat([key_padding(state, T), state.x.new_zeros(B, E, dtype=torch.bool)], dim=1)  # (B, T + E)
+    rows = torch.cat([canvas[:, None, :].expand(B, query_cols.numel(), T + E), extra.sees.bool()], dim=1)
+    return rows[:, None]
+
+
+def target_rows(model: DiffusionLM, targets: slice, q0: int, q1: int) -> slice:
+    """Rows (relative to the run rows ``[q0, q1)``) whose outputs predict the canvas columns ``targets``.
+
+    Dream predicts column t from row t - 1. Raises if the run rows do not cover them all.
+    """
+    start, stop = targets.start - model.logit_shift, targets.stop - model.logit_shift
+    if start < q0 or stop > q1:
+        raise ValueError(
+            f"targets [{targets.start}, {targets.stop}) need rows [{start}, {stop}) but rows [{q0}, {q1}) are run"
+            + (" (Dream predicts column t from row t-1: the prompt must not be empty)" if model.logit_shift else "")
+        )
+    return slice(start - q0, stop - q0)
 
 
 class Cache:
-    """No cache: every step runs the whole canvas (the exact reference computation)."""
+    """No cache: every step runs the whole canvas (the exact reference computation).
+
+    Capabilities, read once by :func:`check_compatible` (never ``isinstance``):
+
+    - ``lacks``: ``{feature: why}`` for each :data:`FEATURES` entry this cache cannot provide.
+    """
 
     name: ClassVar[str] = "none"
+    lacks: ClassVar[dict[str, str]] = {}
+
+    def __init__(self) -> None:
+        self.graphs = StepGraphs()
 
     def setup(self, model: DiffusionLM, state: DecodeState) -> None:
-        """Called once per ``generate`` call, after the canvas is built: allocate storage here."""
+        """Called once per ``generate`` call, after the canvas is built: allocate (or reuse) storage here."""
 
     def begin_block(self, state: DecodeState) -> None:
         """Called when a block starts."""
 
-    def forward(self, model: DiffusionLM, state: DecodeState, targets: slice) -> torch.Tensor:
-        """Logits (B, len(targets), V) of the canvas columns ``targets`` for this step."""
-        return model.predict(state.x, state.position_ids, targets, attention_mask=state.attention_mask)
+    def forward(self, model: DiffusionLM, state: DecodeState, targets: slice,
+                extra: Optional[ExtraRows] = None) -> torch.Tensor:
+        """Logits (B, len(targets) [+ E], V) of the canvas columns ``targets`` for this step, followed by the
+        logits of the ``extra`` rows if any. Columns a cache did not recompute come back as zeros and are marked
+        in ``state.fresh``."""
+        T = state.x.shape[1]
+        rows = target_rows(model, targets, 0, T)
+        if extra is not None:
+            cols = torch.arange(T, device=state.x.device)
+            ids = torch.cat([state.x, extra.ids], dim=1)
+            pos = torch.cat([state.position_ids, extra.position_ids], dim=1)
+            index = torch.cat([cols[rows], T + torch.arange(extra.count, device=cols.device)])
+            return model(ids, pos, extended_mask(state, extra, cols), None, logits_index=index)
+        if state.x.device.type != "cuda" or not self.graphs.enabled:
+            return model.predict(state.x, state.position_ids, targets, attention_mask=state.attention_mask)
+        index = torch.arange(rows.start, rows.stop, device=state.x.device)  # a tensor: one graph for all blocks
+        mask = () if state.attention_mask is None else (state.attention_mask,)
+        key = ("full", *state.x.shape, index.numel(), len(mask))
+        return self.graphs.run(key, lambda x, pos, idx, *m: model(x, pos, m[0] if m else None, None, idx),
+                               state.x, state.position_ids, index, *mask)
 
     def end_step(self, state: DecodeState, out: StepOutput) -> None:
         """Called after the sampler's decision was applied to ``state.x``."""

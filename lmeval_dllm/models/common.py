@@ -55,6 +55,82 @@ class ModelArgs:
         return self.dim // self.n_heads
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Elementwise stages, each written once. On the CPU they run as written (bit-identical to the released models); on
+# CUDA each becomes one fused kernel (torch.compile). Unfused, a decode step at batch 1 is ~1500 kernel launches,
+# two thirds of them these few-microsecond elementwise ops, and at large batch their extra passes over memory cost
+# as much as a third of the step (docs/performance.md).
+
+FUSE_ON_CUDA = True  # set False to run the plain PyTorch ops on CUDA too (e.g. to measure what fusion buys)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, cast back before the affine weight, as both families' HF code does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_fp32(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """LLaDA (rope_full_precision): rotate q and k in float32, cast back. cos/sin (B, 1, Q, Dh) float32."""
+    q32, k32 = q.float(), k.float()
+    return (q32 * cos + rotate_half(q32) * sin).to(q.dtype), (k32 * cos + rotate_half(k32) * sin).to(k.dtype)
+
+
+def rope_native(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Dream / HF Qwen2: cos/sin cast to the model dtype first, rotation in the model dtype."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[gate; up] (..., 2I) -> silu(gate) * up (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _Fused:
+    """``fn`` compiled into fused kernels (shapes symbolic, so one compilation serves every step shape); the plain
+    function again, with one warning, if compilation fails on this machine."""
+
+    def __init__(self, fn: Callable):
+        import torch._dynamo
+
+        # One compilation per dtype, per batch of 1 or more, per eps constant: more than dynamo's default of 8.
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        self.fn, self.compiled, self.failed = fn, torch.compile(fn, dynamic=True, fullgraph=True), False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # noqa: BLE001 - fall back to the identical unfused computation
+                import warnings
+
+                warnings.warn(f"fusing {self.fn.__name__} failed ({type(e).__name__}: {e}); running it unfused")
+                self.failed = True
+        return self.fn(*args)
+
+
+_FUSED: dict[Callable, _Fused] = {}
+
+
+def kernel(fn: Callable, x: torch.Tensor) -> Callable:
+    """The version of elementwise stage ``fn`` to run on ``x``'s device (fused on CUDA, see above)."""
+    if not (FUSE_ON_CUDA and x.is_cuda):
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = _Fused(fn)
+    return _FUSED[fn]
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the affine weight, as both families' HF code does."""
 
@@ -64,14 +140,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return kernel(rms_norm, x)(x, self.weight, self.eps)
 
 
 class Block(nn.Module):
@@ -101,14 +170,18 @@ class Block(nn.Module):
         q = q.view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.rope_fp32:  # LLaDA: rotate in float32, cast back
-            q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
-            k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        else:  # Dream / HF Qwen2: cos/sin cast to the model dtype first
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+        rope = rope_fp32 if self.rope_fp32 else rope_native  # LLaDA rotates in float32, Dream in the model dtype
+        q, k = kernel(rope, q)(q, k, cos, sin)
         return q, k, v
+
+    def values(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, Q, D) -> v (B, Hkv, Q, Dh): the value projection alone, a third of ``qkv``'s cost for LLaDA
+        (dLLM-Cache compares fresh and cached values to choose the rows it recomputes)."""
+        B, Q, _ = h.shape
+        start = self.qkv_split[0] + self.qkv_split[1]
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[start:]
+        v = F.linear(self.attn_norm(h), self.wqkv.weight[start:], bias)
+        return v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]):
         """q (B, Hq, Q, Dh) over k, v (B, Hkv, T, Dh); attn_mask (B, 1, 1|Q, T) bool, True = attend.
@@ -129,8 +202,8 @@ class Block(nn.Module):
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input. (B, Q, D) -> (B, Q, D)."""
-        gate, up = self.w13(self.mlp_norm(h)).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate_up = self.w13(self.mlp_norm(h))
+        return self.w2(kernel(swiglu, gate_up)(gate_up))
 
     def forward(self, h, cos, sin, attn_mask, cache: Optional["Cache"] = None):
         q, k, v = self.qkv(h, cos, sin)
@@ -211,7 +284,7 @@ class DiffusionLM(nn.Module):
                 `(B, T)` over the keys attended to (T = Q without a cache, the full canvas with one), or a full
                 mask `(B, 1, Q, T)` for structured attention (e.g. WINO's leave-one-out shadow block).
             cache: per-layer K/V store (see ``lmeval_dllm.caches``).
-            logits_index: which of the Q rows get logits (a slice, or a 1-D long tensor of row indices); all
+            logits_index: which of the Q rows get logits (a slice, or a `(K,)` LongTensor of row indices); all
                 when None. The LM head is the largest matmul of a step (126k x 4096 for LLaDA), so it only runs
                 where a sampler looks.
 

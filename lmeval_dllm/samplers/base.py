@@ -36,6 +36,9 @@ class DecodeState:
     step: int = 0  # forward passes made in this call
     generator: Optional[torch.Generator] = None
     sampler_state: dict[str, Any] = field(default_factory=dict)  # per-call memory of the sampler
+    # (B, T) bool: columns whose logits in this step are real predictions. A cache that recomputes only some
+    # positions (d2Cache) sets it; the others come back as zero logits and must not be committed. None = all.
+    fresh: Optional[torch.Tensor] = None
     # (B,) long: each row's own generation length, for samplers that grow rows (DAEDAL); None = every row spans
     # the whole canvas. Columns past a row's length hold a pad token and are hidden from attention.
     gen_lengths: Optional[torch.Tensor] = None
@@ -49,8 +52,11 @@ class DecodeState:
         return self.x.shape[1] - self.prompt_len
 
     def candidates(self, span: slice) -> torch.Tensor:
-        """(B, len(span)) bool: masked positions of active rows inside ``span`` (the current block)."""
+        """(B, len(span)) bool: masked positions of active rows inside ``span`` (the current block) whose
+        logits this step are real predictions (see ``fresh``)."""
         cand = self.x[:, span] == self.mask_token_id
+        if self.fresh is not None:
+            cand = cand & self.fresh[:, span]
         return cand if self.active is None else cand & self.active[:, None]
 
     def insert(self, at: torch.Tensor, count: torch.Tensor, token_ids, *, pad_token_id: int,
@@ -104,6 +110,7 @@ class DecodeState:
         # positions continue from the prompt (padding consumes none), whatever the column count
         self.position_ids = torch.cat([self.position_ids[:, :P], self.position_ids[:, P:P + 1] + col], dim=1)
         self.gen_lengths = new_lengths
+        self.fresh = None  # this step's logits no longer match the columns
 
 
 @dataclass
@@ -126,15 +133,17 @@ class Sampler:
     - ``sizes_canvas``: the sampler chooses each row's generation length itself (DAEDAL): the loop starts from
       its ``initial_gen_length`` instead of ``gen_length``, and :meth:`resize` may grow rows up to its
       ``max_gen_length`` (both are then attributes of the sampler).
-    - ``supports_cache``: an approximate cache may serve this sampler's forward passes. False for samplers
-      that run their own input (WINO's shadow block) or change the canvas length (DAEDAL).
+    - ``cache_needs``: what the strategy asks of a cache beyond the usual forward (``lmeval_dllm.caches.FEATURES``):
+      ``"extra_rows"`` (runs rows that are not part of the canvas, e.g. WINO's shadow block, through
+      ``cache.forward(..., extra=ExtraRows(...))``), ``"resize"`` (changes the canvas length while decoding, e.g.
+      DAEDAL). A cache that lacks one is rejected up front with the reason.
     """
 
     name: ClassVar[str] = ""
     can_remask: ClassVar[bool] = False
     logits_span: ClassVar[str] = "block"
     sizes_canvas: ClassVar[bool] = False
-    supports_cache: ClassVar[bool] = True
+    cache_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, proposal: "Proposal"):
         self.proposal = proposal

@@ -25,6 +25,8 @@ Rows are independent (their own stage, length, expansions); a batch gives each r
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, top_k_mask
@@ -32,14 +34,18 @@ from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import check_threshold
 
 
-def eos_confidence(logits: torch.Tensor, lengths: torch.Tensor, eos_token_id: int, last: int) -> torch.Tensor:
+def eos_confidence(logits: torch.Tensor, lengths: torch.Tensor, eos_token_id: int, last: int,
+                   fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DAEDAL's sequence-completion signal (``_calculate_eos_confidence`` of the release).
 
     logits (B, G, V) of the generation region, lengths (B,) -> (B,): the sum of p(EOS) over the rightmost
-    ``last`` positions (within the row's length) whose argmax is EOS, divided by ``last``.
+    ``last`` positions (within the row's length) whose argmax is EOS, divided by ``last``. ``fresh`` (B, G):
+    the positions whose logits a cache recomputed this step (the others are placeholders and do not count).
     """
     G = logits.shape[1]
     inside = torch.arange(G, device=logits.device)[None, :] < lengths[:, None]
+    if fresh is not None:
+        inside = inside & fresh
     is_eos = (logits.argmax(-1) == eos_token_id) & inside  # (B, G)
     p_eos = (logits[..., eos_token_id] - torch.logsumexp(logits, dim=-1)).exp()
     from_right = is_eos.flip(-1).long().cumsum(-1).flip(-1)  # EOS predictions at or right of each position
@@ -71,7 +77,7 @@ class DaedalSampler(Sampler):
     name = "daedal"
     logits_span = "generation"  # the EOS confidence reads the whole row
     sizes_canvas = True
-    supports_cache = False  # rows change length and content moves
+    cache_needs = frozenset({"resize"})  # rows grow and content moves (prefix / dual caches follow)
 
     def __init__(
         self,
@@ -122,7 +128,8 @@ class DaedalSampler(Sampler):
         """logits (`(B, G, V)` float32): the whole generation region of the current canvas."""
         ss, P, mask_id, eos = state.sampler_state, state.prompt_len, state.mask_token_id, self.proposal.eos_token_id
         lengths, active, sized = state.gen_lengths, state.active, ss["sized"]
-        eos_conf = eos_confidence(logits, lengths, eos, self.num_check_last_eot)
+        fresh = state.fresh[:, P:] if state.fresh is not None else None
+        eos_conf = eos_confidence(logits, lengths, eos, self.num_check_last_eot, fresh)
         short = lengths < self.max_gen_length
 
         # Stage 1: rows still choosing their initial length commit nothing this step.

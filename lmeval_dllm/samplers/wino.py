@@ -33,7 +33,7 @@ deeper layers still carry column s+i through the other tokens.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -41,15 +41,18 @@ from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, top_k_ma
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import check_threshold
 
+if TYPE_CHECKING:
+    from lmeval_dllm.caches.base import ExtraRows
+
 # Constants of the release (decoding_wino): accept cap clamp(floor(0.7 m), 5, 20); a_prev before a block's first
 # step. floor(0.7 m) is computed exactly as m * 7 // 10 (equal to the release's float product wherever the clamp
 # leaves it unclamped, m < 29).
 ACCEPT_FRACTION_TENTHS, MIN_CAP, MAX_CAP, FIRST_PREV_ACCEPT = 7, 5, 20, 30
 
 
-def shadow_inputs(x: torch.Tensor, position_ids: torch.Tensor, key_mask: Optional[torch.Tensor], block: slice,
-                  mask_token_id: int, logit_shift: int):
-    """The canvas extended with WINO's shadow block.
+def shadow_rows(x: torch.Tensor, position_ids: torch.Tensor, key_mask: Optional[torch.Tensor], block: slice,
+                mask_token_id: int, logit_shift: int) -> ExtraRows:
+    """WINO's shadow block, as extra rows run alongside the canvas (canvas rows never attend to them).
 
     Args:
         x, position_ids (`torch.LongTensor` of shape `(B, T)`): canvas and RoPE positions.
@@ -58,10 +61,11 @@ def shadow_inputs(x: torch.Tensor, position_ids: torch.Tensor, key_mask: Optiona
         logit_shift: 0 (LLaDA: row t predicts t) or 1 (Dream: row t-1 predicts t; needs s >= 1).
 
     Returns:
-        ids, pos (`(B, T + S)`), attention (`(B, 1, T + S, T + S)` bool, True = may attend) with S = L (LLaDA)
-        or 2L (Dream), and rows (`(2L,)` long): the output rows whose logits are the block's ordinary
-        distributions (first L) and its leave-one-out distributions (last L).
+        :class:`ExtraRows` of E = L (LLaDA) or 2L (Dream) rows; the last L are the leave-one-out predictors of
+        the block's columns, in order. ``sees`` (B, E, T + E): canvas keys first, then extra keys.
     """
+    from lmeval_dllm.caches.base import ExtraRows  # here: lmeval_dllm.caches imports the samplers' base
+
     B, T = x.shape
     s, L = block.start, block.stop - block.start
     dev = x.device
@@ -71,29 +75,20 @@ def shadow_inputs(x: torch.Tensor, position_ids: torch.Tensor, key_mask: Optiona
     loo = torch.ones(L, T, dtype=torch.bool, device=dev)
     loo[i, s + i] = False
     to_real = real[:, None, :] & loo  # (B, L, T)
-    block_pos = position_ids[:, s:s + L]
     stand_ins = torch.full((B, L), mask_token_id, dtype=x.dtype, device=dev)
-    if logit_shift == 0:
-        ids = torch.cat([x, stand_ins], dim=1)
-        pos = torch.cat([position_ids, block_pos], dim=1)
-        groups = [to_real, torch.ones(B, L, L, dtype=torch.bool, device=dev)]  # shadow rows: real keys, shadow keys
-        rows = torch.cat([i + s, i + T])
-    else:
-        if s < 1:
-            raise ValueError("WINO on Dream needs a token before the block (a non-empty prompt)")
-        ids = torch.cat([x, stand_ins, x[:, s - 1:s + L - 1]], dim=1)
-        pos = torch.cat([position_ids, block_pos, position_ids[:, s - 1:s + L - 1]], dim=1)
-        ones = torch.ones(B, L, L, dtype=torch.bool, device=dev)
-        eye = torch.eye(L, dtype=torch.bool, device=dev).expand(B, L, L)
-        m_rows = torch.cat([to_real, ones, torch.zeros_like(ones)], dim=-1)  # M_i: as LLaDA's shadow
-        q_rows = torch.cat([to_real, ones, eye], dim=-1)  # Q_i: real but s+i, every stand-in, itself
-        groups = [torch.cat([m_rows, q_rows], dim=1)]
-        rows = torch.cat([i + s - 1, i + T + L])
-    S = ids.shape[1] - T
-    top = torch.cat([real[:, None, :].expand(B, T, T), torch.zeros(B, T, S, dtype=torch.bool, device=dev)], -1)
-    bottom = torch.cat(groups, dim=-1)
-    attention = torch.cat([top, bottom], dim=1)[:, None]  # (B, 1, T + S, T + S)
-    return ids, pos, attention, rows
+    ones = torch.ones(B, L, L, dtype=torch.bool, device=dev)
+    if logit_shift == 0:  # shadow i: [MASK] at column s+i's position; sees the other shadow tokens (the release's)
+        return ExtraRows(ids=stand_ins, position_ids=position_ids[:, s:s + L], sees=torch.cat([to_real, ones], -1))
+    if s < 1:
+        raise ValueError("WINO on Dream needs a token before the block (a non-empty prompt)")
+    # Dream: stand-ins M_i as above, then predictors Q_i = column s+i-1 (token and position), which see the
+    # real keys but s+i, every M_j and themselves only (Q_{i+1} carries the token of s+i)
+    eye = torch.eye(L, dtype=torch.bool, device=dev).expand(B, L, L)
+    m_rows = torch.cat([to_real, ones, torch.zeros_like(ones)], dim=-1)
+    q_rows = torch.cat([to_real, ones, eye], dim=-1)
+    return ExtraRows(ids=torch.cat([stand_ins, x[:, s - 1:s + L - 1]], dim=1),
+                     position_ids=torch.cat([position_ids[:, s:s + L], position_ids[:, s - 1:s + L - 1]], dim=1),
+                     sees=torch.cat([m_rows, q_rows], dim=1))
 
 
 def token_probability(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -126,7 +121,7 @@ class WinoSampler(Sampler):
 
     name = "wino"
     can_remask = True
-    supports_cache = False  # its forward pass runs its own (extended) input
+    cache_needs = frozenset({"extra_rows"})  # the shadow block runs as extra rows (prefix / dual caches serve it)
 
     def __init__(self, proposal: Proposal, *, wide_in_thres: float = 0.6, narrow_out_thres: float = 0.9,
                  num_transfer_tokens: int = 1):
@@ -161,9 +156,11 @@ class WinoSampler(Sampler):
 
     def forward(self, model, cache, state: DecodeState, span: slice) -> torch.Tensor:
         """(B, 2L, V): the block's ordinary distributions, then its leave-one-out ones."""
-        ids, pos, attention, rows = shadow_inputs(state.x, state.position_ids, state.attention_mask, span,
-                                                  state.mask_token_id, model.logit_shift)
-        return model(ids, pos, attention, logits_index=rows)
+        extra = shadow_rows(state.x, state.position_ids, state.attention_mask, span, state.mask_token_id,
+                            model.logit_shift)
+        logits = cache.forward(model, state, span, extra=extra)  # (B, L + E, V): block, then the extra rows
+        L = span.stop - span.start
+        return logits if extra.count == L else torch.cat([logits[:, :L], logits[:, -L:]], dim=1)
 
     def step(self, logits: torch.Tensor, state: DecodeState) -> StepOutput:
         """logits (`(B, 2L, V)` float32): :meth:`forward`'s output for the current block."""

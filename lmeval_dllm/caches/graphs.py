@@ -1,0 +1,76 @@
+"""CUDA graphs for a cache's forward pass: one graph per static shape, captured on first use, replayed after.
+
+At batch 1 a decode step is a few hundred small kernels (about a dozen per layer), and launching them from
+Python costs more than the GPU needs to run them (design.md: a 32-row block against cached K/V is
+launch-bound). A graph replays the whole forward with one launch. It needs static shapes and fixed addresses:
+the caches preallocate their K/V (and feature) storage per call and pass every per-step tensor (token ids,
+positions, query indices) as an argument, which :class:`StepGraphs` copies into the graph's own input buffers
+before each replay.
+
+On the CPU, or with ``enabled = False``, :meth:`StepGraphs.run` simply calls the function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Hashable, Optional, Union
+
+import torch
+
+
+class StepGraphs:
+    """Per-shape CUDA graphs of one function ``fn(*tensors) -> tensor`` (or a tuple of tensors).
+
+    ``run(key, fn, *args)``: the first call with a new ``key`` runs ``fn`` eagerly (its result and side effects
+    are this step's) and then records it; later calls copy ``args`` into the recorded inputs and replay. The key
+    must determine every shape and every Python-level branch ``fn`` takes; tensors that ``fn`` reads or writes
+    besides its arguments (K/V storage) must keep their address until :meth:`reset`.
+
+    All graphs of one instance share a memory pool (they never run concurrently). The returned tensor is the
+    graph's output buffer: it is overwritten by the next replay of the same graph, so consume it first (the decode
+    loop does: the sampler reads the logits before the next step).
+    """
+
+    enabled: bool = True
+
+    def __init__(self) -> None:
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
+        self._pool = None
+
+    def reset(self) -> None:
+        """Drop every graph (their memory goes back to the pool); call when storage is reallocated."""
+        self._graphs.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Union[torch.Tensor, tuple]:
+        device: Optional[torch.device] = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if not self.enabled or device is None or device.type != "cuda":
+            return fn(*args)
+        entry = self._graphs.get(key)
+        if entry is not None:
+            graph, static, out = entry
+            for buf, a in zip(static, args):
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(a)
+            graph.replay()
+            return out
+
+        # Warm up on a side stream (lazy library initialisation stays out of the capture): this eager run *is*
+        # the step. Recording then executes nothing, so side effects (K/V writes) happen exactly once.
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            result = fn(*args)
+        current.wait_stream(side)
+        for t in result if isinstance(result, tuple) else (result,):
+            t.record_stream(current)  # allocated on the side stream, used on this one
+        static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn(*static)
+        self._graphs[key] = (graph, static, out)
+        return result

@@ -1,0 +1,45 @@
+"""Running a different set of canvas rows for each batch row, with static shapes.
+
+dLLM-Cache and d2Cache recompute, per batch row, a set of positions whose size differs between rows. To keep one
+tensor shape per step (no per-row Python, capturable by CUDA graphs) every row runs ``M`` = the largest set size:
+``index`` (B, M) lists the positions run, and ``real`` (B, M) says which of them count. The others ("dummies") are
+computed and thrown away: their writes go to a trash slot at index T of every (B, T + 1, ...) store, so a row's
+results never depend on the rows batched with it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (B, T, D), index (B, M) -> (B, M, D)."""
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def gather_rope(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cos or sin table (B, 1, T, Dh), index (B, M) -> (B, 1, M, Dh)."""
+    return table.gather(2, index[:, None, :, None].expand(-1, 1, -1, table.shape[-1]))
+
+
+def store_index(index: torch.Tensor, real: torch.Tensor, trash: int) -> torch.Tensor:
+    """(B, M): the position of each real row, ``trash`` for dummies."""
+    return torch.where(real, index, trash)
+
+
+def scatter_rows_(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """store (B, T + 1, D)[b, slots[b, m]] = rows[b, m] (B, M, D)."""
+    store.scatter_(1, slots[..., None].expand(-1, -1, store.shape[-1]), rows)
+
+
+def scatter_heads_(store: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """store (B, H, T + 1, Dh)[b, :, slots[b, m]] = rows[b, :, m] (B, H, M, Dh)."""
+    store.scatter_(2, slots[:, None, :, None].expand(-1, store.shape[1], -1, store.shape[-1]), rows)
+
+
+def rank_ascending(values: torch.Tensor) -> torch.Tensor:
+    """values (B, N) -> (B, N) long rank, 0 = smallest; equal values rank by position (lower first)."""
+    order = torch.sort(values, dim=-1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order))
+    return rank

@@ -1,0 +1,84 @@
+"""Every cache with the strategies on main, end to end through the real ``lm_eval`` command line, on both tiny
+checkpoints, offline, with a small local JSONL task.
+
+One subprocess runs lm-eval's own CLI entry point (``lm_eval.__main__.cli_evaluate``, what the ``lm_eval`` script
+calls) once per configuration, so lm-eval is imported once, and without indexing lm-eval's built-in tasks. Each
+configuration decodes a padded batch of two and a batch of one; vanilla's modes rotate over the caches so that each
+mode meets every cache across the families."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CACHES = ["prefix", "dual", "dllm", "d2cache"]
+MODES = ["num_transfer_tokens=2", "steps=8", "threshold=0.3", "factor=2.0"]
+DRIVER = """
+import functools, json, sys
+from lm_eval.__main__ import cli_evaluate
+from lm_eval.tasks import TaskManager
+# Our task is in --include_path; indexing lm-eval's ~14k built-in task files costs ~10 s per run, so leave them out
+# (as tests/tasks does). Everything else is the CLI's own code path.
+TaskManager.__init__ = functools.partialmethod(TaskManager.__init__, include_defaults=False)
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+"""
+TASK = """task: cache_smoke
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 16
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_every_cache_and_mode_through_lm_eval(llada_dir, dream_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
+                            [("1+1?", "2"), ("Capital of France?", "Paris"), ("Opposite of up?", "down")]))
+    (tmp_path / "cache_smoke.yaml").write_text(TASK.format(data=data))
+    runs = []
+    for f, (family, directory) in enumerate([("llada", llada_dir), ("dream", dream_dir)]):
+        for c, cache in enumerate(CACHES):
+            mode = MODES[(c + 2 * f) % len(MODES)]
+            out = tmp_path / f"{family}-{cache}"
+            runs.append([
+                "--model", "dllm", "--tasks", "cache_smoke", "--include_path", str(tmp_path), "--limit", "3",
+                "--output_path", str(out), "--batch_size", "2",
+                "--model_args", f"pretrained={directory},cache={cache},gen_length=16,block_length=8,"
+                                f"{mode},stats_path={out}/stats.jsonl",
+            ])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    for family in ("llada", "dream"):
+        for cache in CACHES:
+            out = tmp_path / f"{family}-{cache}"
+            (path,) = glob.glob(str(out / "*" / "results_*.json"))
+            with open(path, encoding="utf-8") as fh:
+                results = json.load(fh)
+            assert 0.0 <= results["results"]["cache_smoke"]["exact_match,none"] <= 1.0
+            assert results["config"]["dllm_cache"] == cache
+            with open(out / "stats.jsonl", encoding="utf-8") as fh:
+                stats = [json.loads(line) for line in fh]
+            assert [s["batch_size"] for s in stats] == [2, 2, 1] and {s["gen_length"] for s in stats} == {16}
