@@ -272,7 +272,7 @@ def test_tiny_batch_equals_each_prompt_alone(request, family, low):
     P = max(map(len, enc))
     ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
     mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
-    kw = dict(initial_gen_length=8, max_gen_length=40, num_check_last_eot=4, expansion_factor=4,
+    kw = dict(initial_gen_length=8, max_gen_length=24, num_check_last_eot=4, expansion_factor=4,
               initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=low, threshold=0.05)
     sampler = daedal(eos=tok.eos_token_id, **kw)
     batch = generate(model, ids, mask, sampler, GenerationConfig(None, 8), stop_token_ids=NEVER)
