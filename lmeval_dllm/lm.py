@@ -42,7 +42,8 @@ from lmeval_dllm.params import coerce, did_you_mean, keyword_params
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class, sampler_params
 from lmeval_dllm.stats import RequestStats, StatsLog
 
-eval_logger = logging.getLogger(__name__)
+# A child of lm-eval's logger, so our INFO lines (the decoding statistics) print with lm-eval's own.
+eval_logger = logging.getLogger("lm_eval.models.dllm")
 
 DEFAULT_BLOCK_LENGTH = 32
 

@@ -73,6 +73,18 @@ def write_tokenizer(directory: str, family: str) -> dict[str, int]:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kw)
     fast.padding_side = "left"
     fast.save_pretrained(directory)
+    # Like the official checkpoints, keep the class and the chat template inside tokenizer_config.json:
+    # transformers 4.x knows neither the "TokenizersBackend" class name nor chat_template.jinja that 5.x writes.
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        tok_config = json.load(f)
+    tok_config.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=kw["chat_template"],
+                      padding_side="left")
+    with open(config_path, "w", encoding="utf-8") as f:
+        json.dump(tok_config, f, indent=2)
+    template_path = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(template_path):
+        os.remove(template_path)
     ids = {s: 256 + i for i, s in enumerate(specials)}
     if family == "llada":
         return dict(bos=ids["<|startoftext|>"], eos=ids["<|endoftext|>"], eot=ids["<|eot_id|>"],
@@ -153,6 +165,32 @@ def _official_shape(args, name: str, slot) -> tuple[int, ...]:
         "wo.weight": (args.dim, args.n_heads * args.head_dim),
         "w2.weight": (args.dim, args.intermediate_size),
     }[leaf]
+
+
+def official_state_dict(model, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The inverse of loading: our module's parameters under the official checkpoint names.
+
+    Fused parameters (``wqkv``, ``w13``) are cut back into the official pieces along dim 0, in the order and
+    row counts the family's weight map gives, so ``write_checkpoint(weights=official_state_dict(m))`` writes
+    what ``load_model`` reads back into an identical module.
+    """
+    from lmeval_dllm.models import dream, llada
+
+    family = {"llada": llada, "dream": dream}[model.args.family]
+    params = dict(model.named_parameters())
+    params.setdefault("output.weight", model.output.weight)  # a tied head is listed once, under the embedding
+    offsets: dict[str, list[tuple[int, str, int]]] = {}
+    for key, slot in family.weight_names(model.args).items():
+        offsets.setdefault(slot.name, []).append((slot.part, key, slot.rows))
+    out = {}
+    for name, pieces in offsets.items():
+        full = params[name].detach()
+        start = 0
+        for _, key, rows in sorted(pieces):
+            piece = full if len(pieces) == 1 else full[start:start + rows]
+            start += rows
+            out[key] = (piece if dtype is None else piece.to(dtype)).contiguous().cpu()
+    return out
 
 
 def save_sharded(directory: str, tensors: dict[str, torch.Tensor], shards: int = 2) -> None:
