@@ -107,6 +107,27 @@ def test_rows_of_a_batch_are_decided_independently():
     assert s.sampler_state["prev_accept"].tolist() == [2, 1]
 
 
+def test_sigma_scales_the_wide_in_score_by_the_certainty_density():
+    """Block = the whole generation region of 8 masks, drafts at 0.70 .. 0.77 rising to the right, all above
+    wide_in_thres 0.6. Without sigma the cap (5) takes the five rightmost. With sigma=1 nothing is decoded yet, so
+    the density is the prompt side's Gaussian tail (D_0 = 0.30, falling fast): every score is below 0.6 and only
+    the forced count goes, to the best score, position 0 next to the prompt."""
+    from lmeval_dllm.samplers.certainty_prior import certainty_density
+
+    main = logit_rows([0.70 + 0.01 * i for i in range(8)], range(10, 18))
+    s, plain = block_state([[MASK] * 8]), wino(wide_in_thres=0.6)
+    plain.begin_block(s)
+    assert plain.step(torch.cat([main, main])[None], s).commit[0].tolist() == [False] * 3 + [True] * 5
+    s, prior = block_state([[MASK] * 8]), wino(wide_in_thres=0.6, sigma=1.0)
+    prior.begin_block(s)
+    density = certainty_density(torch.zeros(1, 8, dtype=torch.bool), 1.0)[0]
+    assert round(density[0].item(), 4) == 0.3005 and (density.diff() < 0).all()
+    assert prior.step(torch.cat([main, main])[None], s).commit[0].tolist() == [True] + [False] * 7
+    s, loose = block_state([[MASK] * 8]), wino(wide_in_thres=0.04, sigma=1.0)  # 0.71 * D_1 = 0.0416 > 0.04
+    loose.begin_block(s)
+    assert loose.step(torch.cat([main, main])[None], s).commit[0].tolist() == [True, True] + [False] * 6
+
+
 def test_a_predicted_mask_is_never_drafted():
     s, sampler = block_state([[MASK] * 6]), wino()
     sampler.begin_block(s)
@@ -146,7 +167,7 @@ def test_draft_confidence_is_the_proposals_only_more_precise(kw):
     ({"narrow_out_thres": -0.1}, r"narrow_out_thres must be in \[0, 1\] \(a probability\), got -0.1"),
     ({"num_transfer_tokens": 0}, "num_transfer_tokens must be an integer >= 1, got 0"),
     ({"threshold": 0.9}, "unknown parameter 'threshold' for strategy 'wino'"),
-    ({"sigma": 1.0}, "unknown parameter 'sigma' for strategy 'wino'"),
+    ({"sigma": 0.0}, r"sigma must be a finite number > 0"),
 ])
 def test_invalid_parameters(kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, top_k_mask
+from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior, check_sigma
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import check_threshold
 
@@ -117,6 +118,9 @@ class WinoSampler(Sampler):
             below this (release default 0.9).
         num_transfer_tokens: the least number of tokens committed per step (the release: 1); re-masking needs
             a step that commits more than this, and re-masks at most the previous step's count minus this.
+        sigma: certainty prior (``certainty_prior.py``): the wide-in score is the confidence times the density of
+            decoded positions around each position (over the whole generation region), compared with
+            ``wide_in_thres`` and ranked; the narrow-out check is unchanged. None = off.
     """
 
     name = "wino"
@@ -124,9 +128,10 @@ class WinoSampler(Sampler):
     cache_needs = frozenset({"extra_rows"})  # the shadow block runs as extra rows (prefix / dual caches serve it)
 
     def __init__(self, proposal: Proposal, *, wide_in_thres: float = 0.6, narrow_out_thres: float = 0.9,
-                 num_transfer_tokens: int = 1):
+                 num_transfer_tokens: int = 1, sigma: Optional[float] = None):
         super().__init__(proposal)
         check_threshold("wide_in_thres", wide_in_thres, proposal)
+        check_sigma(sigma, proposal.confidence)
         if not 0.0 <= narrow_out_thres <= 1.0:
             raise ValueError(f"narrow_out_thres must be in [0, 1] (a probability), got {narrow_out_thres!r}")
         if num_transfer_tokens < 1:
@@ -134,6 +139,7 @@ class WinoSampler(Sampler):
         self.wide_in_thres = wide_in_thres
         self.narrow_out_thres = narrow_out_thres
         self.num_transfer_tokens = num_transfer_tokens
+        self.sigma = sigma
 
     def begin_block(self, state: DecodeState) -> None:
         state.sampler_state["prev_accept"] = torch.full((state.batch_size,), FIRST_PREV_ACCEPT, device=state.x.device)
@@ -179,6 +185,7 @@ class WinoSampler(Sampler):
         proposed = self.proposal(no_mask, state.generator)
         # float64-precise, as the release's float64 softmax: confident drafts are ranked against each other
         conf = self._confidence(main, proposed.tokens, proposed.confidence)
+        conf = apply_certainty_prior(conf, state, state.block, self.sigma)  # (B, L) float64; unchanged without sigma
         cand = masked & active
         cap = (masked.sum(-1) * ACCEPT_FRACTION_TENTHS // 10).clamp(MIN_CAP, MAX_CAP).clamp(min=n)  # (B,)
         above = (cand & (conf > self.wide_in_thres)).sum(-1)
