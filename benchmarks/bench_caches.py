@@ -44,7 +44,7 @@ from lmeval_dllm.caches import build_cache  # noqa: E402
 from lmeval_dllm.generate import GenerationConfig, generate  # noqa: E402
 from lmeval_dllm.models import common  # noqa: E402
 from lmeval_dllm.models.common import DiffusionLM, ModelArgs  # noqa: E402
-from lmeval_dllm.samplers import Proposal, build_sampler  # noqa: E402
+from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class  # noqa: E402
 
 SHAPES = {
     "llada-8b": dict(family="llada", dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=12288,
@@ -202,9 +202,25 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
     }
 
 
-def check_graphs(device: torch.device) -> list[str]:
-    """Every cache with CUDA graphs gives the logits and tokens it gives without them; refreshed at every step,
-    the tokens of no cache. Small float32 models, a padded batch of 2. Returns failure descriptions."""
+# Strategies checked with every cache they can use (graphs vs eager; exact settings vs no cache). Lengths 32/8
+# (DAEDAL: from 8, at most 32).
+CHECK_STRATEGIES = {
+    "vanilla": {"num_transfer_tokens": 2},
+    "pc_sampler": {"debias": False},
+    "eb_sampler": {"gamma": 0.1},
+    "klass": {"threshold": 0.5},
+    "ar": {"num_transfer_tokens": 2},
+    "wino": {},
+    "daedal": {"initial_gen_length": 8, "max_gen_length": 32, "num_check_last_eot": 4, "threshold": 0.5},
+}
+
+
+def check_graphs(device: torch.device, strategies=tuple(CHECK_STRATEGIES)) -> list[str]:
+    """Every strategy with every cache it can use gives, with CUDA graphs, the logits and tokens it gives without
+    them; with a cache refreshed at every step, the tokens of no cache. Small float32 models, a padded batch of 2.
+    Returns failure descriptions."""
+    from lmeval_dllm.caches.base import check_compatible
+
     failures = []
     settings = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
                 ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
@@ -216,42 +232,51 @@ def check_graphs(device: torch.device) -> list[str]:
         pmask = torch.ones(2, 12, dtype=torch.bool)
         pmask[1, :3] = False
 
-        def decode(cache_name, kw, graphs):
+        def decode(strategy, cache_name, kw, graphs):
             cache = build_cache(cache_name, **kw)
             cache.graphs.enabled = graphs
             if hasattr(cache, "block_graphs"):
                 cache.block_graphs.enabled = graphs
-            sampler = build_sampler("vanilla", Proposal.from_params(), num_transfer_tokens=2)
+            proposal = Proposal.from_params().bind(model.args.eos_token_id, None)
+            sampler = build_sampler(strategy, proposal, **CHECK_STRATEGIES[strategy])
             seen, step = [], sampler.step
             sampler.step = lambda logits, state: (seen.append(logits.clone()), step(logits, state))[1]
-            out = generate(model, prompt, pmask, sampler, GenerationConfig(32, 8), stop_token_ids=torch.tensor([-1]),
-                           cache=cache)
+            config = GenerationConfig(None if sampler.sizes_canvas else 32, 8)
+            out = generate(model, prompt, pmask, sampler, config, stop_token_ids=torch.tensor([-1]), cache=cache)
             return out.tokens.cpu(), seen
 
-        ref_tokens, ref_logits = decode("none", {}, False)
-        if device.type == "cuda":  # fused elementwise kernels (models/common.py) vs the plain ops
-            common.FUSE_ON_CUDA = False
-            plain_tokens, plain_logits = decode("none", {}, False)
-            common.FUSE_ON_CUDA = True
-            diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, plain_logits))
-            ok = torch.equal(plain_tokens, ref_tokens) and diff <= 1e-3
-            line = f"check {name} fused vs plain elementwise: max|dlogits| {diff:.2e} -> {'ok' if ok else 'FAIL'}"
-            print(line, flush=True)
-            if not ok:
-                failures.append(line)
-        for cache_name, kw in settings:
-            eager, eager_logits = decode(cache_name, kw, False)
-            graphed, graphed_logits = decode(cache_name, kw, True)
-            diff = max((a - b).abs().max().item() for a, b in zip(eager_logits, graphed_logits))
-            ok = torch.equal(eager, graphed) and len(eager_logits) == len(graphed_logits) and diff <= 1e-4
-            exact = kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or cache_name == "none"
-            if exact and not torch.equal(eager, ref_tokens):
-                ok = False
-            verdict = "ok" if ok else "FAIL"
-            line = f"check {name} {cache_name} {kw}: graphs vs eager max|dlogits| {diff:.2e} -> {verdict}"
-            print(line, flush=True)
-            if not ok:
-                failures.append(line)
+        for strategy in strategies:
+            ref_tokens, ref_logits = decode(strategy, "none", {}, False)
+            if device.type == "cuda" and strategy == "vanilla":  # fused elementwise kernels vs the plain ops
+                common.FUSE_ON_CUDA = False
+                plain_tokens, plain_logits = decode(strategy, "none", {}, False)
+                common.FUSE_ON_CUDA = True
+                diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, plain_logits))
+                ok = torch.equal(plain_tokens, ref_tokens) and diff <= 1e-3
+                line = f"check {name} fused vs plain elementwise: max|dlogits| {diff:.2e} -> {'ok' if ok else 'FAIL'}"
+                print(line, flush=True)
+                if not ok:
+                    failures.append(line)
+            for cache_name, kw in settings:
+                try:
+                    check_compatible(sampler_class(strategy), build_cache(cache_name, **kw))
+                except ValueError:
+                    continue  # refused up front (WINO / DAEDAL with dllm or d2cache): tested on the CPU
+                eager, eager_logits = decode(strategy, cache_name, kw, False)
+                graphed, graphed_logits = decode(strategy, cache_name, kw, True)
+                same_shapes = len(eager_logits) == len(graphed_logits) and all(
+                    a.shape == b.shape for a, b in zip(eager_logits, graphed_logits))
+                diff = max((a - b).abs().max().item() for a, b in zip(eager_logits, graphed_logits)) \
+                    if same_shapes else float("inf")
+                ok = torch.equal(eager, graphed) and same_shapes and diff <= 1e-4
+                exact = kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or cache_name == "none"
+                if exact and not torch.equal(eager, ref_tokens):
+                    ok = False
+                verdict = "ok" if ok else "FAIL"
+                line = f"check {name} {strategy} {cache_name} {kw}: graphs vs eager max|dlogits| {diff:.2e} -> {verdict}"
+                print(line, flush=True)
+                if not ok:
+                    failures.append(line)
     return failures
 
 
@@ -333,6 +358,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script)")
     ap.add_argument("--profile", default="", help="model:cache pairs to profile (GPU), e.g. llada-8b:dual")
     ap.add_argument("--no-check", action="store_true", help="skip the graphs-vs-eager correctness check")
+    ap.add_argument("--check-only", action="store_true", help="run the graphs-vs-eager check of every strategy and "
+                    "cache, then stop (exit status 1 on a failure)")
     ap.add_argument("--out", default="bench_caches.json")
     args = ap.parse_args()
 
@@ -357,6 +384,12 @@ def main() -> None:
     info.update(floors)
     print(json.dumps(info), flush=True)
     info["graph_check_failures"] = check_graphs(device) if not args.no_check else None
+    if args.check_only:
+        save = json.dumps(info, indent=1)
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(save)
+        print(f"{len(info['graph_check_failures'] or [])} check failures")
+        sys.exit(1 if info["graph_check_failures"] else 0)
     rows: list[dict] = []
 
     def save(pending=()):

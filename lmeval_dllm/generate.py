@@ -3,19 +3,25 @@
 ``generate(model, prompt_ids, prompt_mask, sampler, config)`` does, for a batch of left-padded prompts:
 
 1. Build the canvas ``x = [prompt ; [MASK] * gen_length]`` (B, T), the key-padding mask and RoPE positions
-   derived from it (padding consumes no position, so a padded prompt sees exactly what it sees alone).
-2. For each block of ``block_length`` columns (semi-autoregressive decoding; one block = pure diffusion):
+   derived from it (padding consumes no position, so a padded prompt sees exactly what it sees alone). A
+   sampler that chooses the length itself (``sizes_canvas``, DAEDAL) starts from its ``initial_gen_length``.
+2. For each block of ``block_length`` columns, while blocks remain (semi-autoregressive decoding; one block =
+   pure diffusion):
    a. a row is *active* if it is not finished and its block still has masks;
    b. the cache returns the logits of the span the sampler looks at (the block, or the whole generation);
    c. the sampler decides which masked positions to commit (and, if it can, which to re-mask);
-   d. the decision is applied to active rows only; every active row counts one forward pass (NFE).
+   d. the decision is applied to active rows only; every active row counts one forward pass (NFE);
+   e. the sampler may then change the canvas structure (``Sampler.resize``: DAEDAL grows rows and inserts
+      masks). Rows then have their own lengths; the columns past a row's length are hidden from attention and
+      never candidates, and the block loop runs until no block is left in the widest row.
 3. A row *finishes* once a stop token (EOS / end-of-turn) is committed and every position before the first
    one is decoded: nothing it could still decode would change its answer, so stopping early gives exactly
    the tokens of running to the end. A caller-supplied ``block_done`` check (stop strings) is applied at
    block ends, where everything left of the block is final.
 
 The step itself has no per-row Python and no host sync; the loop reads one boolean per step (is any row
-still active?) and one per block (is every row finished?).
+still active?) and one per block (is every row finished?). A resizing sampler adds one sync per step (the new
+canvas width).
 """
 
 from __future__ import annotations
@@ -35,18 +41,22 @@ class GenerationConfig:
     """Lengths of the generation region.
 
     Args:
-        gen_length: number of positions generated (the canvas is prompt + ``gen_length`` masks).
+        gen_length: number of positions generated (the canvas is prompt + ``gen_length`` masks). None for a
+            sampler that chooses the length itself (``Sampler.sizes_canvas``, DAEDAL).
         block_length: semi-autoregressive block size; must divide ``gen_length``. ``gen_length`` = one block.
+            With a variable length, blocks are counted from the prompt and a row's last block may be shorter.
     """
 
-    gen_length: int
+    gen_length: Optional[int]
     block_length: int
 
     def __post_init__(self):
-        if self.gen_length < 1:
-            raise ValueError(f"gen_length must be an integer >= 1, got {self.gen_length}")
         if self.block_length < 1:
             raise ValueError(f"block_length must be an integer >= 1, got {self.block_length}")
+        if self.gen_length is None:
+            return
+        if self.gen_length < 1:
+            raise ValueError(f"gen_length must be an integer >= 1, got {self.gen_length}")
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}; "
@@ -55,6 +65,7 @@ class GenerationConfig:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks of a fixed-length generation."""
         return self.gen_length // self.block_length
 
 
@@ -63,9 +74,10 @@ class GenerationOutput:
     tokens: torch.Tensor  # (B, G) long: generation region ([MASK] where a finished row stopped early)
     nfe: torch.Tensor  # (B,) long: forward passes in which the row was active
     committed: torch.Tensor  # (B,) long: positions committed (re-masked ones count again when re-committed)
-    answer_length: torch.Tensor  # (B,) long: index of the first stop token, or G if none
+    answer_length: torch.Tensor  # (B,) long: index of the first stop token, or the row's length if none
     decoded_at: torch.Tensor  # (B, G) long: forward pass (0-based) that committed each position, -1 if none
     steps: int  # forward passes made for the whole batch
+    gen_lengths: torch.Tensor  # (B,) long: each row's generation length (G unless the sampler resized rows)
 
 
 def first_stop(gen: torch.Tensor, stop_token_ids: torch.Tensor) -> torch.Tensor:
@@ -102,19 +114,25 @@ def generate(
         prompt_ids (`torch.LongTensor` of shape `(B, P)`): prompts, left-padded.
         prompt_mask (`torch.BoolTensor` of shape `(B, P)`, *optional*): True on real prompt tokens.
         sampler: the strategy (``lmeval_dllm.samplers``).
-        config: gen_length / block_length.
+        config: gen_length / block_length (gen_length None iff the sampler ``sizes_canvas``).
         stop_token_ids (`torch.LongTensor` of shape `(S,)`): tokens that end an answer (EOS, end-of-turn).
         cache: an approximate cache (``lmeval_dllm.caches``); None = exact computation.
         generator: RNG for sampling (temperature > 0, random remasking).
         block_done: ``f(gen (B, G), finished (B,)) -> (B,) bool`` evaluated after each block, e.g. "the
             decoded text contains a stop string"; rows it marks are finished.
     """
+    if sampler.sizes_canvas != (config.gen_length is None):
+        raise ValueError(
+            f"strategy {sampler.name!r} chooses the generation length itself: give gen_length=None"
+            if sampler.sizes_canvas else f"strategy {sampler.name!r} needs a gen_length"
+        )
     sampler.validate_lengths(config.gen_length, config.block_length)
     cache = cache if cache is not None else Cache()
     check_compatible(sampler, cache)
     device = model.device
     B, P = prompt_ids.shape
-    G, mask_id = config.gen_length, model.mask_token_id
+    G = sampler.initial_gen_length if sampler.sizes_canvas else config.gen_length
+    mask_id = model.mask_token_id
     prompt_ids = prompt_ids.to(device)
     x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
     attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)
@@ -134,8 +152,10 @@ def generate(
     sampler.start(state)
     cache.setup(model, state)
 
-    for b in range(config.num_blocks):
-        state.block = slice(P + b * config.block_length, P + (b + 1) * config.block_length)
+    Lb, b = config.block_length, 0
+    while P + b * Lb < state.x.shape[1]:  # a block remains (a resizing sampler may widen the canvas)
+        start = P + b * Lb
+        state.block = slice(start, min(start + Lb, state.x.shape[1]))
         state.block_index, state.step_in_block = b, 0
         sampler.begin_block(state)
         cache.begin_block(state)
@@ -144,7 +164,7 @@ def generate(
             if not bool(active.any()):
                 break
             state.active = active
-            span = state.block if sampler.logits_span == "block" else slice(P, P + G)
+            span = state.block if sampler.logits_span == "block" else slice(P, state.x.shape[1])
             logits = sampler.forward(model, cache, state, span).float()  # (B, L, V)
             out = sampler.step(logits, state)
             # Only masked positions of active rows can be committed; only decoded ones re-masked.
@@ -164,6 +184,9 @@ def generate(
             nfe += active.long()
             state.step += 1
             state.step_in_block += 1
+            if sampler.sizes_canvas:
+                sampler.resize(state)
+                state.block = slice(start, min(start + Lb, state.x.shape[1]))
             cache.end_step(state, out)
             if not sampler.can_remask:  # a revokable sampler may still change tokens before EOS
                 finished |= finished_rows(state.x[:, P:], state.stop_token_ids, mask_id)
@@ -173,8 +196,11 @@ def generate(
             finished |= block_done(state.x[:, P:], finished)
         if bool(finished.all()):
             break
+        b += 1
 
     gen = state.x[:, P:]
+    gen_lengths = state.gen_lengths if state.gen_lengths is not None else \
+        torch.full((B,), gen.shape[1], dtype=torch.long, device=device)
     return GenerationOutput(tokens=gen, nfe=nfe, committed=committed,
-                            answer_length=first_stop(gen, state.stop_token_ids),
-                            decoded_at=state.decoded_at[:, P:], steps=state.step)
+                            answer_length=torch.minimum(first_stop(gen, state.stop_token_ids), gen_lengths),
+                            decoded_at=state.decoded_at[:, P:], steps=state.step, gen_lengths=gen_lengths)

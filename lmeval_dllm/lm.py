@@ -10,7 +10,8 @@ Decoding is ``lmeval_dllm.generate.generate``; strategies are ``lmeval_dllm.samp
 Decoding parameters (``gen_length``, ``block_length``, strategy, proposal and cache parameters) may be given in
 ``--model_args`` or carried by a task's ``generation_kwargs`` (and ``--gen_kwargs``, which lm-eval merges into
 them). Precedence: what the user puts in ``--model_args`` > the task's generation kwargs (including
-``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``.
+``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``; a strategy that chooses
+each answer's length itself (DAEDAL) uses neither, and a ``gen_length`` in ``--model_args`` is an error for it.
 
 Likelihood requests (multiple-choice tasks, perplexity) use the Monte-Carlo estimate of the LLaDA paper's bound
 (``lmeval_dllm.likelihood``). Under ``accelerate launch`` / ``torchrun`` each process takes its share of the
@@ -147,6 +148,12 @@ class DLLM(TemplateLM):
         cache_kwargs = {k: decoding[k] if k in sampler_params(strategy) else decoding.pop(k)
                         for k in list(decoding) if k in cache_params(self.cache_name)}
         self.user_decoding = self._check_decoding(decoding, source="--model_args")
+        chooser = sampler_class(strategy)
+        if chooser.sizes_canvas and "gen_length" in self.user_decoding:
+            raise ValueError(
+                f"strategy {strategy!r} chooses each answer's length itself (initial_gen_length, max_gen_length): "
+                f"gen_length does not apply; remove gen_length={self.user_decoding['gen_length']}"
+            )
         self._build_decoding(self.user_decoding, gen_length=self.user_decoding.get("gen_length"))
         self.cache = build_cache(self.cache_name, **cache_kwargs)
 
@@ -200,9 +207,10 @@ class DLLM(TemplateLM):
         proposal = Proposal.from_params(**proposal_kw)
         sampler = build_sampler(self.strategy, proposal, **sampler_kw)
         config = None
-        if gen_length is not None:
+        if gen_length is not None or sampler.sizes_canvas:
             block_length = params.get("block_length") or DEFAULT_BLOCK_LENGTH
-            config = GenerationConfig(gen_length=gen_length, block_length=block_length)
+            config = GenerationConfig(gen_length=None if sampler.sizes_canvas else gen_length,
+                                      block_length=block_length)
             sampler.validate_lengths(config.gen_length, config.block_length)
         return config, sampler
 
@@ -211,9 +219,15 @@ class DLLM(TemplateLM):
         kwargs, until, max_gen_toks = split_gen_kwargs(gen_kwargs)
         task = self._check_decoding(kwargs, source="the task's generation_kwargs / --gen_kwargs")
         params = {**task, **self.user_decoding}
-        gen_length = params.get("gen_length") or max_gen_toks
-        if "block_length" not in params and gen_length % DEFAULT_BLOCK_LENGTH:
-            params["block_length"] = gen_length  # no block size given and 32 does not divide: one block
+        if sampler_class(self.strategy).sizes_canvas:
+            # The strategy picks each answer's length (DAEDAL): the task's fixed length does not apply.
+            eval_logger.info("strategy %r chooses the answer length: the task's gen_length=%s / max_gen_toks=%s "
+                             "are not used", self.strategy, params.get("gen_length"), max_gen_toks)
+            gen_length = None
+        else:
+            gen_length = params.get("gen_length") or max_gen_toks
+            if "block_length" not in params and gen_length % DEFAULT_BLOCK_LENGTH:
+                params["block_length"] = gen_length  # no block size given and 32 does not divide: one block
         config, sampler = self._build_decoding(params, gen_length)
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -408,32 +422,35 @@ class DLLM(TemplateLM):
 
     def _generate_batch(self, contexts: list[str], config: GenerationConfig, sampler, until: list[str]) -> list[str]:
         """Decode one batch; on CUDA out-of-memory, decode its halves separately (see :func:`split_on_oom`)."""
-        encoded = [self._fit_prompt(c, self.tok_encode(c), config.gen_length) for c in contexts]
+        # A strategy that chooses the length (DAEDAL) may use up to its max_gen_length positions.
+        longest, what = (config.gen_length, "gen_length") if config.gen_length is not None else \
+            (sampler.max_gen_length, "max_gen_length")
+        encoded = [self._fit_prompt(c, self.tok_encode(c), longest, what) for c in contexts]
 
         def describe(i: int) -> str:
-            return (f"one prompt of {len(encoded[i])} tokens + gen_length={config.gen_length} "
-                    f"({len(encoded[i]) + config.gen_length} positions)")
+            return (f"one prompt of {len(encoded[i])} tokens + {what}={longest} "
+                    f"({len(encoded[i]) + longest} positions)")
 
         return split_on_oom(lambda lo, hi: self._decode(encoded[lo:hi], config, sampler, until), 0, len(encoded),
                             join=lambda parts: parts[0] + parts[1], describe=describe, on_split=self._note_split,
                             hint="; lower gen_length or the prompt length (max_length with truncation=True), use "
                                  "a cache, or a GPU with more memory")
 
-    def _fit_prompt(self, context: str, ids: list[int], gen_length: int) -> list[int]:
+    def _fit_prompt(self, context: str, ids: list[int], gen_length: int, what: str = "gen_length") -> list[int]:
         """The prompt's ids if prompt + generation fit in ``max_length``; else its last tokens if
-        ``truncation=True``, else an error. Dream needs at least one prompt token."""
+        ``truncation=True``, else an error. Dream needs at least one prompt token. ``what`` names the length."""
         room = self.max_length - gen_length
         if room < 1:
-            raise ValueError(f"gen_length={gen_length} leaves no room for a prompt in max_length={self.max_length}")
+            raise ValueError(f"{what}={gen_length} leaves no room for a prompt in max_length={self.max_length}")
         if len(ids) > room:
             if not self.truncation:
                 raise ValueError(
-                    f"prompt of {len(ids)} tokens + gen_length={gen_length} exceeds max_length={self.max_length} "
+                    f"prompt of {len(ids)} tokens + {what}={gen_length} exceeds max_length={self.max_length} "
                     f"(prompt starts {context[:60]!r}); raise max_length, shorten the prompt, or pass "
                     f"truncation=True to keep its last {room} tokens"
                 )
-            eval_logger.warning("prompt of %d tokens cut to its last %d (max_length=%d, gen_length=%d)",
-                                len(ids), room, self.max_length, gen_length)
+            eval_logger.warning("prompt of %d tokens cut to its last %d (max_length=%d, %s=%d)",
+                                len(ids), room, self.max_length, what, gen_length)
             ids = ids[len(ids) - room:]
         if not ids and self.model.logit_shift:
             raise ValueError("empty prompt: Dream predicts each position from the one before it, so it needs "
@@ -460,11 +477,11 @@ class DLLM(TemplateLM):
         elapsed = time.perf_counter() - start
 
         tokens, lengths = out.tokens.tolist(), out.answer_length.tolist()
-        nfe, committed = out.nfe.tolist(), out.committed.tolist()
+        nfe, committed, gen_lengths = out.nfe.tolist(), out.committed.tolist(), out.gen_lengths.tolist()
         texts, stats = [], []
         for i, e in enumerate(encoded):
             texts.append(self._postprocess(tokens[i][: lengths[i]], until))
-            stats.append(RequestStats(prompt_tokens=len(e), gen_length=config.gen_length, nfe=nfe[i],
+            stats.append(RequestStats(prompt_tokens=len(e), gen_length=gen_lengths[i], nfe=nfe[i],
                                       answer_tokens=lengths[i], committed_tokens=committed[i],
                                       wall_time_s=elapsed, batch_size=len(encoded)))
         self.stats.add_batch(stats, elapsed, out.steps)

@@ -23,6 +23,10 @@ SETTINGS = {
     "threshold_0.9": "threshold=0.9",  # Fast-dLLM
     "threshold_0.5": "threshold=0.5",
     "factor_1.0": "factor=1.0",
+    "eb_sampler": "strategy=eb_sampler,gamma=0.01",  # EB-Sampler
+    "klass": "strategy=klass",  # KLASS, the release's defaults (threshold 0.9, kl_threshold 0.01, 2 steps)
+    "wino": "strategy=wino",  # WINO, the release's defaults (wide_in_thres 0.6, narrow_out_thres 0.9)
+    "threshold_0.9_dual": "threshold=0.9,cache=dual",  # Fast-dLLM's dual cache with its threshold
 }
 
 

@@ -13,8 +13,10 @@ from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
 from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
 from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
 from lmeval_dllm.samplers.pc_sampler import PCSampler
+from lmeval_dllm.samplers.daedal import DaedalSampler
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
+from lmeval_dllm.samplers.wino import WinoSampler
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "vanilla": LowConfidenceSampler,  # LLaDA low-confidence remasking + Fast-dLLM threshold / factor
@@ -22,6 +24,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "eb_sampler": EntropyBoundSampler,  # EB-Sampler: entropy-bounded number of tokens per step
     "klass": KLAdaptiveStabilitySampler,  # KLASS: commit positions whose distribution is stable and confident
     "ar": LeftToRightSampler,  # left-to-right order inside the dLLM (baseline)
+    "wino": WinoSampler,  # WINO: wide-in drafting, narrow-out re-masking (arXiv:2507.18578)
+    "daedal": DaedalSampler,  # DAEDAL: variable-length denoising (arXiv:2508.00819)
 }
 
 

@@ -39,6 +39,9 @@ class DecodeState:
     # (B, T) bool: columns whose logits in this step are real predictions. A cache that recomputes only some
     # positions (d2Cache) sets it; the others come back as zero logits and must not be committed. None = all.
     fresh: Optional[torch.Tensor] = None
+    # (B,) long: each row's own generation length, for samplers that grow rows (DAEDAL); None = every row spans
+    # the whole canvas. Columns past a row's length hold a pad token and are hidden from attention.
+    gen_lengths: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -55,6 +58,59 @@ class DecodeState:
         if self.fresh is not None:
             cand = cand & self.fresh[:, span]
         return cand if self.active is None else cand & self.active[:, None]
+
+    def insert(self, at: torch.Tensor, count: torch.Tensor, token_ids, *, pad_token_id: int,
+               max_length: Optional[int] = None) -> None:
+        """Insert ``count[b]`` copies of ``token_ids[b]`` before generation column ``at[b]`` of each row.
+
+        The structural edit behind variable-length decoding (DAEDAL): appending masks at a row's end
+        (``at`` = its length), or replacing one mask by several (insert before it). Everything from ``at`` on
+        shifts right; a row's new length is ``min(length + count, max_length)`` (what is pushed past
+        ``max_length`` is dropped). The canvas widens to the longest row; the columns past a row's length hold
+        ``pad_token_id`` (a stop token, so the answer ends there; never the mask, so never a candidate) and are
+        hidden from attention. Inserted columns are undecided for ``decoded_at`` (-1). RoPE positions of the
+        generation region are recomputed (they continue from the prompt), so a row sees exactly what it would
+        see alone.
+
+        Args:
+            at (`torch.LongTensor` of shape `(B,)`): generation column (0 = first generated position), at most
+                the row's length.
+            count (`torch.LongTensor` of shape `(B,)`): tokens inserted (0 leaves the row unchanged).
+            token_ids (`int` or `torch.LongTensor` of shape `(B,)`): the token inserted in each row.
+
+        One host sync (the new canvas width must be known to allocate it); nothing happens when every count is 0.
+        """
+        assert pad_token_id != self.mask_token_id, "the pad of short rows must not look like a mask"
+        P, dev = self.prompt_len, self.x.device
+        old = self.x[:, P:]  # (B, G)
+        B, G = old.shape
+        lengths = self.gen_lengths if self.gen_lengths is not None else torch.full((B,), G, device=dev)
+        new_lengths = lengths + count
+        if max_length is not None:
+            new_lengths = new_lengths.clamp(max=max_length)
+        most_inserted, longest = torch.stack([count.max(), new_lengths.max()]).tolist()  # the one host sync
+        if most_inserted == 0:
+            return
+        W = max(G, longest)
+        col = torch.arange(W, device=dev)[None, :]  # (1, W)
+        at, count = at[:, None], count[:, None]
+        inserted = (col >= at) & (col < at + count)  # (B, W)
+        inside = col < new_lengths[:, None]
+        src = torch.where(col < at, col, col - count).clamp(0, G - 1)  # old column shown at each new column
+        token_ids = torch.as_tensor(token_ids, device=dev).expand(B)[:, None]
+        gen = torch.where(inserted, token_ids, old.gather(1, src))
+        gen = torch.where(inside, gen, pad_token_id)
+        stamps = self.decoded_at[:, P:].gather(1, src).masked_fill(inserted | ~inside, -1)
+
+        prompt_keys = self.attention_mask[:, :P] if self.attention_mask is not None else \
+            torch.ones(B, P, dtype=torch.bool, device=dev)
+        self.x = torch.cat([self.x[:, :P], gen], dim=1)
+        self.decoded_at = torch.cat([self.decoded_at[:, :P], stamps], dim=1)
+        self.attention_mask = torch.cat([prompt_keys, inside], dim=1)
+        # positions continue from the prompt (padding consumes none), whatever the column count
+        self.position_ids = torch.cat([self.position_ids[:, :P], self.position_ids[:, P:P + 1] + col], dim=1)
+        self.gen_lengths = new_lengths
+        self.fresh = None  # this step's logits no longer match the columns
 
 
 @dataclass
@@ -74,6 +130,9 @@ class Sampler:
 
     - ``can_remask``: the sampler may turn decoded tokens back into masks (WINO).
     - ``logits_span``: "block" (logits of the current block) or "generation" (the whole generation region).
+    - ``sizes_canvas``: the sampler chooses each row's generation length itself (DAEDAL): the loop starts from
+      its ``initial_gen_length`` instead of ``gen_length``, and :meth:`resize` may grow rows up to its
+      ``max_gen_length`` (both are then attributes of the sampler).
     - ``cache_needs``: what the strategy asks of a cache beyond the usual forward (``lmeval_dllm.caches.FEATURES``):
       ``"extra_rows"`` (runs rows that are not part of the canvas, e.g. WINO's shadow block, through
       ``cache.forward(..., extra=ExtraRows(...))``), ``"resize"`` (changes the canvas length while decoding, e.g.
@@ -83,6 +142,7 @@ class Sampler:
     name: ClassVar[str] = ""
     can_remask: ClassVar[bool] = False
     logits_span: ClassVar[str] = "block"
+    sizes_canvas: ClassVar[bool] = False
     cache_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, proposal: "Proposal"):
@@ -110,8 +170,13 @@ class Sampler:
         """
         raise NotImplementedError
 
-    def validate_lengths(self, gen_length: int, block_length: int) -> None:
-        """Raise ValueError if the strategy cannot run with these lengths (called before any model work)."""
+    def resize(self, state: DecodeState) -> None:
+        """Called, for a ``sizes_canvas`` sampler only, after each step's decision is applied to the canvas; the
+        sampler changes the canvas structure here, through :meth:`DecodeState.insert`. Default: nothing."""
+
+    def validate_lengths(self, gen_length: Optional[int], block_length: int) -> None:
+        """Raise ValueError if the strategy cannot run with these lengths (called before any model work).
+        ``gen_length`` is None for a ``sizes_canvas`` sampler."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
