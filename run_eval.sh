@@ -18,9 +18,14 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
     matrix=("$1")
     shift
 fi
-# The default leaderboard writes next to this script, wherever it is called from.
-if [[ ${#matrix[@]} -eq 0 && " $* " != *" --out "* && " $* " != *" --out="* ]]; then
-    set -- --out "$here/leaderboard_runs/default" "$@"
+if [[ ${#matrix[@]} -eq 0 ]]; then
+    # The default leaderboard writes next to this script, wherever it is called from.
+    if [[ " $* " != *" --out "* && " $* " != *" --out="* ]]; then
+        set -- --out "$here/leaderboard_runs/default" "$@"
+    fi
+    # Its 4 M-parameter model gains little from more CPU threads, and on a shared machine several threads per
+    # process thrash: its vanilla cell took 197 s with torch's default threads, 76 s with one (2 shared cores).
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 exec "$python" -m lmeval_dllm.leaderboard run "${matrix[@]}" "$@"

@@ -55,11 +55,11 @@ def test_default_names_and_directories():
 
 def test_the_bundled_matrices_parse():
     m = load_matrix(DEFAULT_MATRIX)
-    assert len(m.cells()) == 6 and m.limit == 32
+    assert len(m.cells()) == 7 and m.limit == 32
     assert m.include_path == (os.path.abspath(os.path.join(os.path.dirname(DEFAULT_MATRIX), "..", "..",
                                                            "task_configs")),)
     full = load_matrix(os.path.join(os.path.dirname(__file__), "..", "examples", "leaderboard_full.yaml"))
-    assert len(full.cells()) == 40 and full.num_processes == 8
+    assert len(full.cells()) == 44 and full.num_processes == 8
     assert [c.model.pretrained for c in full.cells() if c.kind == "ar"] == [
         "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct",
         "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"]
@@ -75,7 +75,7 @@ def test_the_bundled_matrices_parse():
     # strategies, caches and parameters are checked with the package's own registries
     ("tasks: [t]\nmodels: [m]\nstrategies:\n  - vanilla\n  - vanila\n",
      "m.yaml:5: strategies[1]: unknown strategy 'vanila'; did you mean 'vanilla'? available: vanilla, "
-     "pc_sampler, eb_sampler, klass, ar"),
+     "pc_sampler, eb_sampler, klass, ar, wino, daedal"),
     ("tasks: [t]\nmodels: [m]\nstrategies:\n  - {strategy: vanilla, params: {treshold: 0.9}}\n",
      "m.yaml:4: strategies[0]: unknown parameter 'treshold' for strategy 'vanilla'; did you mean 'threshold'?"),
     ("tasks: [t]\nmodels: [m]\nstrategies:\n  - {strategy: vanilla, params: {threshold: 1.5}}\n",
@@ -86,6 +86,10 @@ def test_the_bundled_matrices_parse():
      "m.yaml:4: caches[0]: unknown parameter 'kp' for cache 'prefix' accepted: refresh_interval"),
     ("tasks: [t]\nmodels: [m]\ncaches: [none, dul]\n",
      "m.yaml:3: caches[1]: unknown cache 'dul'; did you mean 'dual'? available: none, prefix, dual, dllm, d2cache"),
+    # a strategy x cache pair that cannot work: the package's own check, and the two ways out
+    ("tasks: [t]\nmodels: [m]\nstrategies:\n  - vanilla\n  - {strategy: wino}\ncaches: [none, dllm]\n",
+     "m.yaml:5: strategies[1]: strategy 'wino' cannot be used with cache='dllm': the strategy runs rows that are "
+     "not part of the canvas alongside it"),
     # structure
     ("tasks: [t]\nmodels: [m]\nlimit: -3\n", "m.yaml:3: limit: expected a number > 0"),
     ("tasks: t\nmodels: [m]\n", "m.yaml:1: tasks: expected a non-empty list, got the string 't'"),
@@ -108,6 +112,13 @@ def test_errors_name_the_line(text, message):
     with pytest.raises(MatrixError) as info:
         parse_matrix(text, "m.yaml")
     assert str(info.value).startswith(message), str(info.value)
+
+
+def test_incompatible_pairs_narrowed_or_excluded():
+    for way_out in ("  - {strategy: wino, caches: [none]}\ncaches: [none, dllm]\n",
+                    "  - wino\ncaches: [none, dllm]\nexclude: [{strategy: wino, cache: dllm}]\n"):
+        m = parse_matrix("tasks: [t]\nmodels: [m]\nstrategies:\n  - vanilla\n" + way_out, "m.yaml")
+        assert [c.label for c in m.cells()] == ["t | m | vanilla | none", "t | m | vanilla | dllm", "t | m | wino | none"]
 
 
 def test_missing_file_and_include_path(tmp_path):

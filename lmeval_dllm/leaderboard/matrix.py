@@ -490,7 +490,7 @@ class _Parser:
                     check_compatible(sampler_class(s.strategy), cache_class(c.cache))
                 except ValueError as e:
                     at = strategy_nodes.lines[i] if strategy_nodes else 1
-                    raise self.error(at, f"strategies[{i}]", f"{e} (cache {c.name!r}); list the caches it runs "
+                    raise self.error(at, f"strategies[{i}]", f"{e} List the caches it runs "
                                                              f"with under `caches:` in this entry, or add "
                                                              f"{{strategy: {s.name}, cache: {c.name}}} to "
                                                              f"`exclude:`") from None

@@ -142,7 +142,9 @@ def run_matrix(matrix: Matrix, out: str, limit: Optional[float] = None, num_proc
     for i, cell in enumerate(cells, 1):
         echo(f"[{i}/{len(cells)}] {cell.label}")
         outcome = run_cell(matrix, cell, out, limit, num_processes, env)
-        where = os.path.relpath(cell_dir(out, cell))
+        where = cell_dir(out, cell)
+        if not os.path.relpath(where).startswith(".."):  # short when under the working directory
+            where = os.path.relpath(where)
         if outcome.status == "skipped":
             echo(f"    finished before, skipped ({where})")
         elif outcome.status == "done":
