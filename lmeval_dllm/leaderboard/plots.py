@@ -1,7 +1,7 @@
 """Plots of a leaderboard (PNG, matplotlib's Agg backend: no display needed).
 
 - ``pareto_<task>.png``: accuracy (%) against throughput (tokens/s, log scale) for every finished cell of the
-  task, one colour per cell (named in the legend), AR baselines as squares; the Pareto front (no other cell is
+  task, one colour and hollow marker shape per cell (named in the legend), AR baselines as filled squares; the Pareto front (no other cell is
   both faster and more accurate) is joined by a dashed line.
 - ``nfe_<task>.png``: mean NFE (forward passes per request) of each dLLM cell, one bar per strategy x cache.
 """
@@ -35,6 +35,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front[::-1]
 
 
+_MARKERS = ("o", "D", "^", "v", "P", "X", "*", "<", ">", "h")
+
+
 def _file_part(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", task)
 
@@ -45,6 +48,8 @@ def _label(row: Row) -> str:
 
 def plot_pareto(rows: list[Row], task: str, path: str) -> None:
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     done = [r for r in rows if r.task == task and r.status == "ok" and r.tokens_per_s]
     several_models = len({r.model for r in done}) > 1
     # One colour per cell and a legend, not text beside the points: cells of equal accuracy would overlap.
@@ -52,14 +57,22 @@ def plot_pareto(rows: list[Row], task: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
     for i, r in enumerate(done):
         label = f"{r.model}: {_label(r)}" if several_models and r.kind == "dllm" else _label(r)
+        # Hollow markers of different shapes: cells at the same spot (a cache that changes no answer and
+        # about the same speed) stay visible as nested shapes. AR baselines: filled squares.
+        ar = r.kind == "ar"
         ax.errorbar(r.tokens_per_s, 100 * r.accuracy,
                     yerr=None if r.accuracy_stderr is None else 100 * r.accuracy_stderr,
-                    fmt="s" if r.kind == "ar" else "o", color=colours(i % colours.N), markersize=7, capsize=3,
-                    elinewidth=1, alpha=0.9, label=label)
+                    fmt="s" if ar else _MARKERS[i % len(_MARKERS)], color=colours(i % colours.N),
+                    markerfacecolor=None if ar else "none", markeredgewidth=1.6, markersize=9 if ar else 10,
+                    capsize=3, elinewidth=1, alpha=0.9, label=label)
     front = pareto_front([(r.tokens_per_s, 100 * r.accuracy) for r in done])
     if len(front) > 1:
         ax.plot(*zip(*front), "--", color="grey", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
+    # plain numbers at 1, 2, 5 x 10^k: the default minor labels (3x10^1, 4x10^1, ...) collide
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("throughput (generated tokens/s, log scale)")
     ax.set_ylabel("accuracy (%) ± stderr")
     ax.set_title(f"{task}: accuracy against throughput")
