@@ -65,6 +65,15 @@ class TimedHFLM(HFLM):
 
     def __init__(self, *args, stats_path: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))  # accelerate launch / torchrun
+        if launched > 1 and self.world_size == 1:
+            # HFLM shards documents only when it sees more than one GPU; otherwise every process would evaluate
+            # every document and all of them would write the same output files.
+            raise ValueError(
+                f"hf_ar was launched as {launched} processes, but lm-eval's hf model runs data-parallel only across "
+                f"GPUs (found {torch.cuda.device_count()}), so every process would evaluate every document; run it "
+                f"as one process (num_processes: 1 / --num_processes 1) or on {launched} GPUs"
+            )
         self.stats_path = stats_path
         self.stats = StatsLog()
         self._merged_stats: Optional[StatsLog] = None

@@ -88,7 +88,8 @@ def test_resume_and_failures(tmp_path, fake_lm_eval, monkeypatch, capsys):
     failed = out / "cells" / "tiny_gsm" / "tiny" / "fast--none" / "FAILED"
     text = failed.read_text()
     assert text.startswith("exit status 3 after ")
-    assert text.endswith("--- last lines of lm_eval.log ---\nTraceback (most recent call last):\nValueError: boom\n")
+    assert text.endswith("--- error lines ---\nValueError: boom\n--- last lines of lm_eval.log ---\n"
+                         "Traceback (most recent call last):\nValueError: boom\n")
     captured = capsys.readouterr()
     assert "1 cell(s) FAILED:\n  tiny_gsm | tiny | fast | none: " in captured.err
     assert "| tiny_gsm | tiny | fast | none |  | failed |  |  |  |  |  |" in captured.out

@@ -8,7 +8,7 @@ Layout of a run directory ``OUT`` (every path deterministic, from the matrix lab
         lm_eval.log        the command's stdout and stderr
         stats.jsonl        per-request decoding statistics (``stats_path``)
         lm_eval/<model>/results_<time>.json, samples_<task>_<time>.jsonl   lm-eval's own output
-        FAILED             only after a failure: exit status and the last lines of the log
+        FAILED             only after a failure: exit status, the log's error lines and its last lines
 
 A cell is *finished* when a ``results_*.json`` exists under its ``lm_eval/``; a rerun skips it. A cell that
 failed is run again (its ``FAILED`` and partial output are removed first); the other cells do not wait for it.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from lmeval_dllm.leaderboard.matrix import Cell, Matrix
 
 FAILED = "FAILED"
 TAIL_LINES = 40  # lines of the log kept in FAILED: enough for a Python traceback
+_ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): ")  # "ValueError: ...", "[rank0]: OSError: ..."
 
 
 @dataclass
@@ -124,11 +126,17 @@ def run_cell(matrix: Matrix, cell: Cell, out: str, limit: Optional[float] = None
     if proc.returncode == 0 and results_file(directory):
         return Outcome(cell, "done", seconds, 0)
     with open(os.path.join(directory, "lm_eval.log"), errors="replace") as log:
-        tail = log.readlines()[-TAIL_LINES:]
+        lines = log.readlines()
+    # Under accelerate the launcher's own traceback comes last and can push the real error out of the tail.
+    errors = list(dict.fromkeys(line for line in lines if _ERROR_LINE.search(line)))[:5]
     with open(os.path.join(directory, FAILED), "w") as f:
         why = f"exit status {proc.returncode}" if proc.returncode else "exit status 0 but no results JSON written"
-        f.write(f"{why} after {seconds:.1f} s\ncommand: {shlex.join(argv)}\n--- last lines of lm_eval.log ---\n")
-        f.writelines(tail)
+        f.write(f"{why} after {seconds:.1f} s\ncommand: {shlex.join(argv)}\n")
+        if errors:
+            f.write("--- error lines ---\n")
+            f.writelines(errors)
+        f.write("--- last lines of lm_eval.log ---\n")
+        f.writelines(lines[-TAIL_LINES:])
     return Outcome(cell, "failed", seconds, proc.returncode)
 
 
