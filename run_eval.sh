@@ -10,7 +10,7 @@
 # The logic is Python (lmeval_dllm/leaderboard/); this script only picks the interpreter and passes arguments on.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
+python=python  # the active environment's (a virtualenv's python is first on PATH)
 command -v "$python" >/dev/null || python=python3
 
 matrix=()

@@ -14,8 +14,8 @@ cells (one ``lm_eval`` run each).
 Cells: every model x task x strategy x cache (a strategy's own ``caches:`` list narrows its caches; ``exclude``
 drops combinations), then every AR baseline x task. Everything is checked here, before any run: keys, types,
 strategy and cache names, their parameters (through the same constructors ``--model dllm`` uses) and every
-strategy x cache pair. An error names the file and line: ``default.yaml:12: strategies[1].params: unknown
-parameter 'treshold' ...``.
+strategy x cache pair. An error names the file, the line and the entry: ``full.yaml:14: strategies[1]: unknown
+parameter 'treshold' for strategy 'vanilla'; did you mean 'threshold'? ...``.
 """
 
 from __future__ import annotations
