@@ -90,15 +90,22 @@ def main(argv=None) -> int:
     from lmeval_dllm.leaderboard.table import markdown, write_tables
 
     os.makedirs(out, exist_ok=True)
-    rows = write_tables(matrix, out)
+    try:
+        rows = write_tables(matrix, out)
+    except ValueError as e:  # a stored result without the matrix's metric for its task
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print()
     print(markdown(rows, matrix))
     print(f"table: {os.path.join(out, 'leaderboard.md')}, {os.path.join(out, 'leaderboard.csv')}")
     if not getattr(args, "no_plots", False):
         from lmeval_dllm.leaderboard.plots import write_plots
 
-        for path in write_plots(rows, out):
-            print(f"plot: {path}")
+        try:
+            for path in write_plots(rows, out):
+                print(f"plot: {path}")
+        except ImportError as e:  # matplotlib missing: the table is written, say how to get the plots
+            print(f"no plots: {e}", file=sys.stderr)
     if failed:
         print(f"\n{len(failed)} cell(s) FAILED:", file=sys.stderr)
         for o in failed:
