@@ -32,7 +32,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from lmeval_dllm.stats import RequestStats, StatsLog
+from lmeval_dllm.stats import RequestStats, StatsLog, StatsReporting
 
 eval_logger = logging.getLogger("lm_eval.models.hf_ar")
 
@@ -57,7 +57,7 @@ def dllm_generation_keys() -> frozenset[str]:
 
 
 @register_model("hf_ar")
-class TimedHFLM(HFLM):
+class TimedHFLM(StatsReporting, HFLM):
     """lm-eval's ``hf`` model that ignores dLLM decoding keys and records our decoding statistics.
 
     Model arguments: those of lm-eval's ``hf`` model, plus ``stats_path`` (per-request statistics as JSON lines).
@@ -137,40 +137,8 @@ class TimedHFLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = super().generate_until(requests, disable_tqdm=disable_tqdm)
-        eval_logger.info("hf_ar decoding statistics%s: %s",
-                         f" (process {self.rank})" if self.world_size > 1 else "", self.stats.summary())
-        if self.world_size == 1:  # several processes: the main one writes everyone's, see gather_object
-            self._write_stats(self.stats)
+        self._log_stats(eval_logger, "hf_ar")
         return out
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Statistics across processes and into the results JSON (as lmeval_dllm.lm.DLLM does)
-
-    def gather_object(self, obj, dst: int = 0):
-        """lm-eval gathers per-sample metrics to the main process with this; the statistics travel along."""
-        if self.world_size <= 1:
-            return [obj]
-        import torch.distributed as dist
-
-        gathered = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object((obj, self.stats), object_gather_list=gathered, dst=dst)
-        if self.rank != dst:
-            return None
-        self._merged_stats = StatsLog.merge([stats for _, stats in gathered])
-        self._write_stats(self._merged_stats)
-        return [o for o, _ in gathered]
-
-    def _write_stats(self, stats: StatsLog) -> None:
-        if self.stats_path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
-            stats.write_jsonl(self.stats_path)
-
     def get_model_info(self) -> dict:
-        info = super().get_model_info()
-        stats = self._merged_stats if self._merged_stats is not None else self.stats
-        info["dllm_stats"] = stats.summary()
-        if self.world_size > 1:
-            info["dllm_processes"] = self.world_size
-        if self.stats_path:
-            info["dllm_stats_path"] = self.stats_path
-        return info
+        return {**super().get_model_info(), **self.stats_info()}

@@ -40,7 +40,7 @@ from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.likelihood import MonteCarloLikelihood, estimate, greedy_matches
 from lmeval_dllm.params import coerce, did_you_mean, keyword_params
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class, sampler_params
-from lmeval_dllm.stats import RequestStats, StatsLog
+from lmeval_dllm.stats import RequestStats, StatsLog, StatsReporting
 
 # A child of lm-eval's logger, so our INFO lines (the decoding statistics) print with lm-eval's own.
 eval_logger = logging.getLogger("lm_eval.models.dllm")
@@ -71,7 +71,7 @@ def resolve_pretrained(pretrained: str) -> str:
 
 
 @register_model("dllm")
-class DLLM(TemplateLM):
+class DLLM(StatsReporting, TemplateLM):
     """A diffusion LLM (LLaDA or Dream family) decoded by a pluggable strategy and cache.
 
     Model arguments (everything else in ``--model_args`` is a decoding parameter, see docs/usage.md):
@@ -323,23 +323,6 @@ class DLLM(TemplateLM):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.world_size <= 1 else self.accelerator.gather(tensor)
 
-    def gather_object(self, obj, dst: int = 0):
-        """lm-eval gathers per-sample metrics (and logged samples) to the main process with this, on every
-        process, once all requests are done. Our decoding statistics travel in the same collective: no extra
-        synchronisation point that a process could skip (e.g. one whose requests were all in the
-        ``--use_cache`` database) and hang on."""
-        if self.world_size <= 1:
-            return [obj]
-        import torch.distributed as dist
-
-        gathered = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object((obj, self.stats), object_gather_list=gathered, dst=dst)
-        if self.rank != dst:
-            return None
-        self._merged_stats = StatsLog.merge([stats for _, stats in gathered])
-        self._write_stats(self._merged_stats)  # once, by one process
-        return [o for o, _ in gathered]
-
     def barrier(self) -> None:
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
@@ -376,14 +359,7 @@ class DLLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """lm-eval adds this to results['config']: our aggregated decoding statistics go there."""
-        stats = self._merged_stats if self._merged_stats is not None else self.stats
-        info = {"dllm_strategy": self.strategy, "dllm_cache": self.cache_name or "none",
-                "dllm_stats": stats.summary()}
-        if self.world_size > 1:
-            info["dllm_processes"] = self.world_size
-        if self.stats_path:
-            info["dllm_stats_path"] = self.stats_path
-        return info
+        return {"dllm_strategy": self.strategy, "dllm_cache": self.cache_name or "none", **self.stats_info()}
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
@@ -414,7 +390,7 @@ class DLLM(TemplateLM):
             summary = self.stats.summary()
             pbar.set_postfix(tok_s=f"{summary['tokens_per_s']:.1f}", nfe=f"{summary['mean_nfe']:.1f}")
         pbar.close()
-        self._log_stats()
+        self._log_stats(eval_logger, "dllm")
         return collator.get_original(results)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -518,18 +494,6 @@ class DLLM(TemplateLM):
                 done[i] = any(t in text for t in terms)
         return done
 
-    def _log_stats(self) -> None:
-        summary = self.stats.summary()
-        eval_logger.info("dllm decoding statistics%s: %s",
-                         f" (process {self.rank})" if self.world_size > 1 else "", summary)
-        if self.world_size == 1:  # several processes: the main one writes everyone's, see gather_object
-            self._write_stats(self.stats)
-
-    def _write_stats(self, stats: StatsLog) -> None:
-        if self.stats_path:
-            os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
-            stats.write_jsonl(self.stats_path)
-
     # ------------------------------------------------------------------------------------------------------------
     # Likelihood requests
 
@@ -550,7 +514,7 @@ class DLLM(TemplateLM):
                 out.append((self._estimate(ctx, cont, anchor), greedy))
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, out[-1])
-        self._log_stats()
+        self._log_stats(eval_logger, "dllm")
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -567,7 +531,7 @@ class DLLM(TemplateLM):
             total = sum(self._estimate(ctx, cont, []) for ctx, cont in map(make_disjoint_window, windows))
             out.append(float(total))
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), out[-1])
-        self._log_stats()
+        self._log_stats(eval_logger, "dllm")
         return out
 
     def _fit_pair(self, context: list[int], continuation: list[int], anchor: list[int]) -> tuple[list, list]:

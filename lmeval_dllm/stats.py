@@ -21,6 +21,8 @@ rows scored, forward passes and their wall time.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -122,3 +124,52 @@ class StatsLog:
         with open(path, "w", encoding="utf-8") as f:
             for r in self.requests:
                 f.write(json.dumps(r.to_dict()) + "\n")
+
+
+class StatsReporting:
+    """What an lm-eval model that keeps a :class:`StatsLog` in ``self.stats`` does with it (``dllm`` and
+    ``hf_ar``): log it after ``generate_until``, write it to ``self.stats_path``, gather it from every process
+    along with lm-eval's own results, and put the aggregate into the results JSON (``get_model_info`` ->
+    ``config.dllm_stats``). The model sets ``stats``, ``stats_path``, ``rank`` and ``world_size``."""
+
+    stats: StatsLog
+    stats_path: Optional[str] = None
+    _merged_stats: Optional[StatsLog] = None  # all processes' statistics, on the main process
+
+    def _log_stats(self, logger: logging.Logger, label: str) -> None:
+        logger.info("%s decoding statistics%s: %s", label, f" (process {self.rank})" if self.world_size > 1 else "",
+                    self.stats.summary())
+        if self.world_size == 1:  # several processes: the main one writes everyone's, see gather_object
+            self._write_stats(self.stats)
+
+    def _write_stats(self, stats: StatsLog) -> None:
+        if self.stats_path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.stats_path)), exist_ok=True)
+            stats.write_jsonl(self.stats_path)
+
+    def gather_object(self, obj, dst: int = 0):
+        """lm-eval gathers per-sample metrics (and logged samples) to the main process with this, on every
+        process, once all requests are done. The decoding statistics travel in the same collective: no extra
+        synchronisation point that a process could skip (e.g. one whose requests were all in the
+        ``--use_cache`` database) and hang on."""
+        if self.world_size <= 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object((obj, self.stats), object_gather_list=gathered, dst=dst)
+        if self.rank != dst:
+            return None
+        self._merged_stats = StatsLog.merge([stats for _, stats in gathered])
+        self._write_stats(self._merged_stats)  # once, by one process
+        return [o for o, _ in gathered]
+
+    def stats_info(self) -> dict:
+        """The results JSON's share (lm-eval puts ``get_model_info()`` into ``results['config']``)."""
+        stats = self._merged_stats if self._merged_stats is not None else self.stats
+        info = {"dllm_stats": stats.summary()}
+        if self.world_size > 1:
+            info["dllm_processes"] = self.world_size
+        if self.stats_path:
+            info["dllm_stats_path"] = self.stats_path
+        return info

@@ -22,38 +22,19 @@ import os
 import subprocess
 import sys
 
+from local_tasks import write_generation_task
+
 QUESTIONS = ["What is 2+3?", "Name a colour.", "Say hi", "Count to three, please.", "Why?"]
 
-TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["{until}"]
-  max_gen_toks: 8
-  gen_length: 8
-  block_length: 8
-metric_list:
-  - metric: exact_match
-metadata:
-  version: 1.0
-"""
-
-TASKS = {"smoke_three": (QUESTIONS, "\\n\\n"), "smoke_one": (["Hello?"], "###")}
+TASKS = {"smoke_three": (QUESTIONS, "\n\n"), "smoke_one": (["Hello?"], "###")}
 
 
 def run_lm_eval(tmp_path, model_args: str):
     tasks = tmp_path / "tasks"
     tasks.mkdir(exist_ok=True)
     for name, (questions, until) in TASKS.items():
-        data = tasks / f"{name}.jsonl"
-        data.write_text("".join(json.dumps({"question": q, "answer": "x"}) + "\n" for q in questions))
-        (tasks / f"{name}.yaml").write_text(TASK.format(name=name, data=data, until=until))
+        write_generation_task(tasks, name, [(q, "x") for q in questions], until=until, max_gen_toks=8,
+                              gen_length=8, block_length=8)
     out, stats = tmp_path / "out", tmp_path / "stats.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(

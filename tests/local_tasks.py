@@ -69,19 +69,30 @@ metric_list:
     aggregation: bits_per_byte
     higher_is_better: false
 """)
-    _write(directory, "tiny_gen", [{"question": q, "answer": str(i)} for i, q in enumerate(GEN_DOCS)],
-           """output_type: generate_until
-doc_to_text: "{{question}}"
-doc_to_target: "{{answer}}"
+    write_generation_task(directory, "tiny_gen", [(q, str(i)) for i, q in enumerate(GEN_DOCS)], max_gen_toks=8)
+    return directory
+
+
+def write_generation_task(directory, name: str, docs, until: str = "\n\n", doc_to_text: str = "{{question}}",
+                          **generation_kwargs) -> str:
+    """A ``generate_until`` task ``name`` scored by exact match: ``docs`` are (question, answer) pairs, written as
+    ``name.jsonl`` next to ``name.yaml`` in ``directory`` (an ``--include_path``). ``generation_kwargs`` go into
+    the task's ``generation_kwargs`` after ``until`` (e.g. ``max_gen_toks=16``, ``gen_length=8``). Returns
+    ``directory``."""
+    kwargs = "".join(f"  {k}: {json.dumps(v)}\n" for k, v in generation_kwargs.items())
+    _write(str(directory), name, [{"question": q, "answer": a} for q, a in docs], f"""output_type: generate_until
+doc_to_text: {json.dumps(doc_to_text)}
+doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 8
-metric_list:
+  until: [{json.dumps(until)}]
+{kwargs}metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
+metadata:
+  version: 1.0
 """)
-    return directory
+    return str(directory)
 
 
 # The real CLI entry point (`lm_eval.__main__.cli_evaluate`, what `lm_eval` and `-m lm_eval` run), with two test

@@ -23,6 +23,18 @@ def conf_of(score: float, vocab: int = VOCAB) -> float:
     return math.exp(score) / (math.exp(score) + vocab - 1)
 
 
+def logit_rows(confidences, tokens, vocab: int = VOCAB) -> torch.Tensor:
+    """(L, V) logits whose softmax gives ``tokens[i]`` probability ``confidences[i]`` (the rest spread evenly):
+    hand-built logits for a sampler's step."""
+    import math
+
+    rows = []
+    for c, t in zip(confidences, tokens):
+        rest = math.log((1 - c) / (vocab - 1))
+        rows.append([math.log(c) if v == t else rest for v in range(vocab)])
+    return torch.tensor(rows)
+
+
 class ScriptedModel:
     def __init__(self, targets, scores, vocab: int = VOCAB, mask_token_id: int = MASK, logit_shift: int = 0,
                  on_canvas=None):

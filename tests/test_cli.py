@@ -10,33 +10,15 @@ import subprocess
 import sys
 
 import pytest
+from local_tasks import write_generation_task
 
 LM_EVAL = shutil.which("lm_eval") or os.path.join(os.path.dirname(sys.executable), "lm_eval")
 QUESTIONS = ["What is 1+1?", "Name a color.", "Count to three.", "Say hi.", "What is 2+5?"]
 
 
 def write_task(directory) -> str:
-    data = os.path.join(directory, "echo.jsonl")
-    with open(data, "w") as f:
-        for i, q in enumerate(QUESTIONS):
-            f.write(json.dumps({"question": q, "answer": str(i)}) + "\n")
-    with open(os.path.join(directory, "tiny_echo.yaml"), "w") as f:
-        f.write(f"""task: tiny_echo
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 16
-metric_list:
-  - metric: exact_match
-""")
-    return directory
+    return write_generation_task(directory, "tiny_echo", [(q, str(i)) for i, q in enumerate(QUESTIONS)],
+                                 max_gen_toks=16)
 
 
 def run_lm_eval(*args, cwd):

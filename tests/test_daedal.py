@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from scripted import logit_rows
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
@@ -16,15 +17,6 @@ from lmeval_dllm.samplers.daedal import eos_confidence
 
 V, MASK, EOS = 32, 31, 30
 NEVER = torch.tensor([10**6])  # a stop token that never occurs: decode every block
-
-
-def logit_rows(confidences, tokens, vocab=V):
-    """(L, V) logits whose softmax gives tokens[i] probability confidences[i] (the rest spread evenly)."""
-    rows = []
-    for c, t in zip(confidences, tokens):
-        rest = math.log((1 - c) / (vocab - 1))
-        rows.append([math.log(c) if v == t else rest for v in range(vocab)])
-    return torch.tensor(rows)
 
 
 def daedal(eos=EOS, **kw):

@@ -15,27 +15,12 @@ import subprocess
 import sys
 
 import pytest
+from local_tasks import write_generation_task
 
 pytestmark = pytest.mark.slow
 
 DOCS = [("2+2?", "4"), ("Capital of France?", "Paris"), ("Colour of the sky?", "blue"), ("3*3?", "9"), ("Up?", "down")]
 LIMIT, GEN_LENGTH, BLOCK_LENGTH = 4, 8, 4
-TASK = """task: dllm_strategy_mini
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["###STOP###"]
-  max_gen_toks: {gen_length}
-metric_list:
-  - metric: exact_match
-"""
-
 # strategy: (tiny family, strategy parameters). {table} is a frequency table built for the Dream tokenizer.
 RUNS = {
     "pc_sampler": ("dream", "frequency_table={table},lambd=0.25"),
@@ -56,10 +41,9 @@ def runs(tmp_path_factory, llada_dir, dream_dir):
     from lmeval_dllm.samplers.frequency_table import main as build_table
 
     root = tmp_path_factory.mktemp("strategies_cli")
-    data = root / "mini.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in DOCS))
     (root / "tasks").mkdir()
-    (root / "tasks" / "mini.yaml").write_text(TASK.format(data=data, gen_length=GEN_LENGTH))
+    write_generation_task(root / "tasks", "dllm_strategy_mini", DOCS, until="###STOP###",
+                          doc_to_text="Q: {{question}}\nA:", max_gen_toks=GEN_LENGTH)
     corpus = root / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog.\nQ: 2+2?\nA: 4\n" * 20)
     table = root / "dream_table.json"

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from scripted import logit_rows
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
@@ -15,15 +16,6 @@ from lmeval_dllm.samplers.wino import WinoSampler, shadow_rows, token_probabilit
 
 V, MASK, EOS = 32, 31, 30
 NEVER = torch.tensor([10**6])  # a stop token that never occurs: decode every block
-
-
-def logit_rows(confidences, tokens, vocab=V):
-    """(L, V) logits whose softmax gives tokens[i] probability confidences[i] (the rest spread evenly)."""
-    rows = []
-    for c, t in zip(confidences, tokens):
-        rest = math.log((1 - c) / (vocab - 1))
-        rows.append([math.log(c) if v == t else rest for v in range(vocab)])
-    return torch.tensor(rows)
 
 
 def block_state(rows, prompt=(1, 2)):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+from local_tasks import write_generation_task
 
 pytestmark = pytest.mark.slow
 
@@ -42,30 +43,10 @@ for argv in json.loads(sys.argv[1]):
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
 """
-TASK = """task: cache_smoke
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "Q: {{{{question}}}}\\nA:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n\\n"]
-  max_gen_toks: 16
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
 def test_every_cache_and_mode_through_lm_eval(llada_dir, dream_dir, tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
-                            [("1+1?", "2"), ("Capital of France?", "Paris"), ("Opposite of up?", "down")]))
-    (tmp_path / "cache_smoke.yaml").write_text(TASK.format(data=data))
+    write_generation_task(tmp_path, "cache_smoke", [("1+1?", "2"), ("Capital of France?", "Paris"),
+                                                    ("Opposite of up?", "down")],
+                          doc_to_text="Q: {{question}}\nA:", max_gen_toks=16)
     dirs = {"llada": llada_dir, "dream": dream_dir}
     cells = []  # (family, cache, name, model_args)
     for f, family in enumerate(dirs):
