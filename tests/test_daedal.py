@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from batches import left_pad
 from scripted import logit_rows
 
 from lmeval_dllm.generate import GenerationConfig, generate
@@ -259,11 +260,7 @@ def test_tiny_batch_equals_each_prompt_alone(request, family, low):
 
     ck = request.getfixturevalue(f"{family}_dir")
     model, tok = load_model(ck), AutoTokenizer.from_pretrained(ck)
-    prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    P = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    enc, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"])
     kw = dict(initial_gen_length=8, max_gen_length=24, num_check_last_eot=4, expansion_factor=4,
               initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=low, threshold=0.05)
     sampler = daedal(eos=tok.eos_token_id, **kw)
@@ -287,10 +284,7 @@ def test_caches_refreshed_every_step_give_the_no_cache_decode(request, cache):
 
     ck = request.getfixturevalue("llada_dir")
     model, tok = load_model(ck), AutoTokenizer.from_pretrained(ck)
-    enc = [tok(p, add_special_tokens=False).input_ids for p in ["What is 12+30?", "A longer prompt, with punctuation!"]]
-    P = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    enc, ids, mask = left_pad(tok, ["What is 12+30?", "A longer prompt, with punctuation!"])
     kw = dict(initial_gen_length=8, max_gen_length=40, num_check_last_eot=4, expansion_factor=4,
               initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=0.03, threshold=0.05)
     exact = generate(model, ids, mask, daedal(eos=tok.eos_token_id, **kw), GenerationConfig(None, 8),

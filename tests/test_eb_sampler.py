@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batches import left_pad
 from samplers_support import MASK, entropy_of_peaked, peaked, state_with
 
 from lmeval_dllm.samplers import Proposal, build_sampler
@@ -81,10 +82,7 @@ def test_batch_equals_each_prompt_alone(tiny_dir):
     from lmeval_dllm.models import load_model
 
     tok, model = AutoTokenizer.from_pretrained(tiny_dir), load_model(tiny_dir)
-    prompts = [tok(p, add_special_tokens=False).input_ids for p in ["What is 12+30?", "Hi", "A longer prompt!"]]
-    P = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in prompts])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in prompts])
+    prompts, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt!"])
     # the tiny model is nearly uniform (entropy ~ log V = 5.6 nats): gamma 6 lets two tokens through per step
     sampler = build_sampler("eb_sampler", Proposal.from_params(), gamma=6.0)
     cfg, stops = GenerationConfig(16, 8), torch.tensor([tok.eos_token_id])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batches import left_pad
 
 from lmeval_dllm.generate import GenerationConfig, finished_rows, first_stop, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
@@ -114,20 +115,12 @@ def _tiny(tiny_dir):
     return load_model(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
 
 
-def _batch(tok, prompts):
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    P = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
-    return enc, ids, mask
-
-
 @pytest.mark.parametrize("kw", [{}, {"threshold": 0.02}, {"steps": 8}, {"factor": 3.0}])
 def test_batch_equals_each_prompt_alone(tiny_dir, kw):
     """A left-padded batch gives, token for token, what each prompt gives alone."""
     model, tok = _tiny(tiny_dir)
     prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
-    enc, ids, mask = _batch(tok, prompts)
+    enc, ids, mask = left_pad(tok, prompts)
     sampler = build_sampler("vanilla", Proposal.from_params(), **kw)
     cfg = GenerationConfig(16, 8)
     stops = torch.tensor([tok.eos_token_id])
@@ -140,7 +133,7 @@ def test_batch_equals_each_prompt_alone(tiny_dir, kw):
 
 def test_same_seed_same_sample(llada_dir):
     model, tok = _tiny(llada_dir)
-    _, ids, mask = _batch(tok, ["Sample me", "and me too"])
+    _, ids, mask = left_pad(tok, ["Sample me", "and me too"])
     sampler = build_sampler("vanilla", Proposal.from_params(temperature=1.0))
     cfg = GenerationConfig(16, 16)
 

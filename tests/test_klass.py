@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from batches import left_pad
 from samplers_support import MASK, peaked, state_with
 from scripted import EOS, EOT, ScriptedModel
 from scripted import MASK as SCRIPTED_MASK
@@ -126,10 +127,7 @@ def test_batch_equals_each_prompt_alone(tiny_dir):
     from lmeval_dllm.models import load_model
 
     tok, model = AutoTokenizer.from_pretrained(tiny_dir), load_model(tiny_dir)
-    prompts = [tok(p, add_special_tokens=False).input_ids for p in ["What is 12+30?", "Hi", "A longer prompt!"]]
-    P = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in prompts])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in prompts])
+    prompts, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt!"])
     # the tiny model is nearly uniform: a low gate lets KLASS commit several stable positions at once
     sampler = build_sampler("klass", Proposal.from_params(), threshold=0.0, kl_threshold=0.5)
     cfg, stops = GenerationConfig(16, 8), torch.tensor([tok.eos_token_id])

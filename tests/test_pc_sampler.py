@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from batches import left_pad
 from samplers_support import MASK, SHARED_DATA, peaked, state_with
 
 from lmeval_dllm.samplers import Proposal, build_sampler
@@ -161,10 +162,7 @@ def test_batch_equals_each_prompt_alone(tiny_dir, tmp_path):
     path = tmp_path / "tiny_table.json"
     path.write_text(json.dumps(build_frequency_table(tok, ["the cat sat on the mat.\n"] * 3 + ["Zebra!"]).to_json()))
     model = load_model(tiny_dir)
-    prompts = [tok(p, add_special_tokens=False).input_ids for p in ["What is 12+30?", "Hi", "A longer prompt!"]]
-    P = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in prompts])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in prompts])
+    prompts, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt!"])
     sampler = build_sampler("pc_sampler", Proposal.from_params(), frequency_table=str(path), sigma=4.0)
     cfg, stops = GenerationConfig(16, 8), torch.tensor([tok.eos_token_id])
     batch = generate(model, ids, mask, sampler, cfg, stop_token_ids=stops)

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from batches import pad_left
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.lm import BUNDLED_MODELS
@@ -43,9 +44,7 @@ def decode(tiny, questions: list[str], **sampler_kw) -> list[tuple[str, int]]:
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
              for q in questions]
     encoded = [tok.encode(t, add_special_tokens=False) for t in texts]
-    P = max(map(len, encoded))
-    prompt_ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in encoded])  # (B, P)
-    prompt_mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in encoded])
+    prompt_ids, prompt_mask = pad_left(tok.pad_token_id, encoded)  # (B, P)
     stop = torch.tensor([tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")])
     out = generate(model, prompt_ids, prompt_mask, LowConfidenceSampler(Proposal(), **sampler_kw), CONFIG,
                    stop_token_ids=stop)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from batches import left_pad
 from scripted import logit_rows
 
 from lmeval_dllm.generate import GenerationConfig, generate
@@ -324,11 +325,8 @@ def test_invariants_and_batch_equals_each_prompt_alone(tiny_dir, kw):
     """Every step: accepting exactly n never re-masks, re-masks <= previous accepts - n; every block ends with
     nothing masked within ceil(L / n) steps; a left-padded batch gives each prompt what it gives alone."""
     model, tok = _tiny(tiny_dir)
-    prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    P = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    enc, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"])
+    P = ids.shape[1]
     G, Lb, n = 16, 8, kw.get("num_transfer_tokens", 1)
     sampler = wino(**kw)
     log = _recording(sampler)
@@ -370,11 +368,7 @@ def test_caches_refreshed_every_step_give_the_no_cache_decode(tiny_dir, cache):
     from lmeval_dllm.caches import build_cache
 
     model, tok = _tiny(tiny_dir)
-    prompts = ["What is 12+30?", "Hi"]
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    P = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    enc, ids, mask = left_pad(tok, ["What is 12+30?", "Hi"])
     kw = {"wide_in_thres": 0.02, "narrow_out_thres": 0.5}
     exact = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER)
     cached = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from batches import left_pad  # noqa: F401 - the cache tests import it from here
 
 from lmeval_dllm.caches import build_cache
 from lmeval_dllm.generate import GenerationConfig, generate
@@ -25,15 +26,6 @@ def tiny(directory: str):
     from lmeval_dllm.models import load_model
 
     return load_model(directory), AutoTokenizer.from_pretrained(directory)
-
-
-def left_pad(tok, prompts):
-    """Token ids of each prompt, and the left-padded batch (ids (B, P), mask (B, P))."""
-    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
-    P = max(map(len, enc))
-    ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
-    mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
-    return enc, ids, mask
 
 
 def decode(model, ids, mask, cache=None, gen_length=16, block_length=8, stops=(999,), on_step=None, **sampler_kw):
