@@ -1,12 +1,15 @@
 """Shared fixtures: tiny random checkpoints in the official LLaDA / Dream layouts (built once per session,
-loaded through the real loader), and lm-eval's offline switches."""
+loaded through the real loader), lm-eval's offline switches, and one intra-op thread for the whole session (the
+tests run thousands of tiny decodes: one thread is faster than two fighting for shared cores)."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+import torch
 
+torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,15 +17,6 @@ from lmeval_dllm.samplers import Proposal, build_sampler
 CONTEXT, CONTINUATION = [72, 101, 108, 108, 111], [32, 119, 111]  # "Hello" + " wo"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and the test machines are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(llada_dir, dream_dir):
     return {"llada": load_model(llada_dir), "dream": load_model(dream_dir)}

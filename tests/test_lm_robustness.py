@@ -24,14 +24,6 @@ NOWHERE = "/nonexistent/checkpoint"
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def ll_req(context, continuation):
     return Instance("loglikelihood", {}, (context, continuation), 0)
 

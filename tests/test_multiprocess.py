@@ -8,7 +8,6 @@ import os
 import socket
 
 import pytest
-import torch
 from lm_eval.api.instance import Instance
 
 import local_tasks
@@ -21,14 +20,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
