@@ -217,8 +217,9 @@ CHECK_STRATEGIES = {
 
 def check_graphs(device: torch.device, strategies=tuple(CHECK_STRATEGIES)) -> list[str]:
     """Every strategy with every cache it can use gives, with CUDA graphs, the logits and tokens it gives without
-    them; with a cache refreshed at every step, the tokens of no cache. Small float32 models, a padded batch of 2.
-    Returns failure descriptions."""
+    them, also when one cache object serves batches of other shapes in turn (as in lm-eval); with a cache refreshed
+    at every step, the tokens of no cache. Small float32 models, padded batches of 2 and 3. Returns failure
+    descriptions."""
     from lmeval_dllm.caches.base import check_compatible
 
     failures = []
@@ -232,24 +233,30 @@ def check_graphs(device: torch.device, strategies=tuple(CHECK_STRATEGIES)) -> li
         pmask = torch.ones(2, 12, dtype=torch.bool)
         pmask[1, :3] = False
 
-        def decode(strategy, cache_name, kw, graphs):
-            cache = build_cache(cache_name, **kw)
-            cache.graphs.enabled = graphs
-            if hasattr(cache, "block_graphs"):
-                cache.block_graphs.enabled = graphs
+        # A second batch of another shape: lm-eval's model keeps one cache object for every batch it decodes.
+        prompt2 = torch.randint(0, model.args.mask_token_id, (3, 9), generator=gen)
+        pmask2 = torch.ones(3, 9, dtype=torch.bool)
+        pmask2[0, :2] = False
+
+        def decode(strategy, cache_name, kw, graphs, cache=None, batch=(prompt, pmask)):
+            if cache is None:
+                cache = build_cache(cache_name, **kw)
+                cache.graphs.enabled = graphs
+                if hasattr(cache, "block_graphs"):
+                    cache.block_graphs.enabled = graphs
             proposal = Proposal.from_params().bind(model.args.eos_token_id, None)
             sampler = build_sampler(strategy, proposal, **CHECK_STRATEGIES[strategy])
             seen, step = [], sampler.step
             sampler.step = lambda logits, state: (seen.append(logits.clone()), step(logits, state))[1]
             config = GenerationConfig(None if sampler.sizes_canvas else 32, 8)
-            out = generate(model, prompt, pmask, sampler, config, stop_token_ids=torch.tensor([-1]), cache=cache)
-            return out.tokens.cpu(), seen
+            out = generate(model, *batch, sampler, config, stop_token_ids=torch.tensor([-1]), cache=cache)
+            return out.tokens.cpu(), seen, cache
 
         for strategy in strategies:
-            ref_tokens, ref_logits = decode(strategy, "none", {}, False)
+            ref_tokens, ref_logits, _ = decode(strategy, "none", {}, False)
             if device.type == "cuda" and strategy == "vanilla":  # fused elementwise kernels vs the plain ops
                 common.FUSE_ON_CUDA = False
-                plain_tokens, plain_logits = decode(strategy, "none", {}, False)
+                plain_tokens, plain_logits, _ = decode(strategy, "none", {}, False)
                 common.FUSE_ON_CUDA = True
                 diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, plain_logits))
                 ok = torch.equal(plain_tokens, ref_tokens) and diff <= 1e-3
@@ -262,13 +269,18 @@ def check_graphs(device: torch.device, strategies=tuple(CHECK_STRATEGIES)) -> li
                     check_compatible(sampler_class(strategy), build_cache(cache_name, **kw))
                 except ValueError:
                     continue  # refused up front (WINO / DAEDAL with dllm or d2cache): tested on the CPU
-                eager, eager_logits = decode(strategy, cache_name, kw, False)
-                graphed, graphed_logits = decode(strategy, cache_name, kw, True)
+                eager, eager_logits, _ = decode(strategy, cache_name, kw, False)
+                graphed, graphed_logits, cache = decode(strategy, cache_name, kw, True)
+                # the same cache object on a batch of another shape, then on the first shape again
+                eager2, _, _ = decode(strategy, cache_name, kw, False, batch=(prompt2, pmask2))
+                graphed2, _, _ = decode(strategy, cache_name, kw, True, cache=cache, batch=(prompt2, pmask2))
+                again, _, _ = decode(strategy, cache_name, kw, True, cache=cache)
                 same_shapes = len(eager_logits) == len(graphed_logits) and all(
                     a.shape == b.shape for a, b in zip(eager_logits, graphed_logits))
                 diff = max((a - b).abs().max().item() for a, b in zip(eager_logits, graphed_logits)) \
                     if same_shapes else float("inf")
                 ok = torch.equal(eager, graphed) and same_shapes and diff <= 1e-4
+                ok = ok and torch.equal(eager2, graphed2) and torch.equal(again, graphed)
                 exact = kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or cache_name == "none"
                 if exact and not torch.equal(eager, ref_tokens):
                     ok = False
@@ -277,6 +289,50 @@ def check_graphs(device: torch.device, strategies=tuple(CHECK_STRATEGIES)) -> li
                 print(line, flush=True)
                 if not ok:
                     failures.append(line)
+    return failures
+
+
+def check_cache_reuse(device: torch.device) -> list[str]:
+    """One cache object serving batches of other shapes in turn, as lm-eval's model uses it, on the bundled
+    trained tiny-llada (bfloat16, stop tokens on, so rows finish early): each batch's tokens equal a fresh
+    no-graphs decode of it. This is the path where a cache's graph pool was once reused after all its graphs were
+    dropped (PyTorch's allocator then asserts); the check above, with random models that never stop, missed it.
+    Returns failure descriptions."""
+    from lmeval_dllm.lm import BUNDLED_MODELS
+    from lmeval_dllm.models import load_model
+
+    model = load_model(BUNDLED_MODELS["tiny-llada"], dtype=torch.bfloat16, device=device)
+    stops = torch.tensor([model.args.eos_token_id, 258])  # <|endoftext|>, <|eot_id|>
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for B, P in [(32, 60), (32, 70), (7, 55), (32, 60)]:
+        ids = torch.randint(0, 250, (B, P), generator=gen)
+        mask = torch.ones(B, P, dtype=torch.bool)
+        mask[0, :5] = False
+        batches.append((ids, mask))
+    failures = []
+    for cache_name in ("prefix", "dual", "dllm", "d2cache"):
+        cache = build_cache(cache_name)
+        for i, batch in enumerate(batches):
+            def run(c):
+                sampler = build_sampler("vanilla", Proposal.from_params(), threshold=0.9)
+                return generate(model, *batch, sampler, GenerationConfig(64, 32), stop_token_ids=stops,
+                                cache=c).tokens.cpu()
+            fresh = build_cache(cache_name)
+            fresh.graphs.enabled = False
+            if hasattr(fresh, "block_graphs"):
+                fresh.block_graphs.enabled = False
+            try:
+                ok = torch.equal(run(cache), run(fresh))
+                why = "" if ok else "tokens differ from a fresh eager decode"
+            except RuntimeError as e:
+                ok, why = False, f"{type(e).__name__}: {str(e)[:120]}"
+            line = f"check reuse tiny-llada bf16 {cache_name} batch {i} {tuple(batch[0].shape)}: " + \
+                ("ok" if ok else f"FAIL ({why})")
+            print(line, flush=True)
+            if not ok:
+                failures.append(line)
+                break
     return failures
 
 
@@ -383,7 +439,8 @@ def main() -> None:
                                                                    "matmul_flops_per_s": 1e11}
     info.update(floors)
     print(json.dumps(info), flush=True)
-    info["graph_check_failures"] = check_graphs(device) if not args.no_check else None
+    info["graph_check_failures"] = None if args.no_check else \
+        check_graphs(device) + (check_cache_reuse(device) if device.type == "cuda" else [])
     if args.check_only:
         save = json.dumps(info, indent=1)
         with open(args.out, "w", encoding="utf-8") as f:

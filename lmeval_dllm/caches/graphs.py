@@ -37,8 +37,12 @@ class StepGraphs:
         self._pool = None
 
     def reset(self) -> None:
-        """Drop every graph (their memory goes back to the pool); call when storage is reallocated."""
+        """Drop every graph; call when storage is reallocated. Their pool is dropped too: once its last graph is
+        gone, PyTorch's allocator refuses new captures into it while any of its blocks is still alive (an output
+        buffer the caller holds), so the next capture starts a new pool and the old one is freed with its last
+        tensor."""
         self._graphs.clear()
+        self._pool = None
 
     def __len__(self) -> int:
         return len(self._graphs)
