@@ -118,16 +118,15 @@ class _Fused:
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 64))
         self.fn, self.compiled, self.failed = fn, torch.compile(fn, dynamic=False, fullgraph=True), False
+        self._mark_dynamic = torch._dynamo.maybe_mark_dynamic
 
     def __call__(self, *args):
         if not self.failed:
             try:
-                import torch._dynamo
-
                 for a in args:
                     if isinstance(a, torch.Tensor) and a.dim() > 1:
                         for d in _row_dims(self.fn, a):
-                            torch._dynamo.maybe_mark_dynamic(a, d)  # size 1 stays a constant (dynamo's rule)
+                            self._mark_dynamic(a, d)  # size 1 stays a constant (dynamo's rule)
                 return self.compiled(*args)
             except Exception as e:  # noqa: BLE001 - fall back to the identical unfused computation
                 import warnings
