@@ -21,6 +21,10 @@ Floors, measured once on the same GPU: the weight-read floor (bytes of all weigh
 bandwidth, bytes read + written) bounds any step; the compute floor of a full forward (matmul FLOPs of the whole
 canvas + attention + the LM head over the block / measured bf16 matmul rate) bounds the no-cache step.
 
+Correctness of the fast path (CUDA graphs and fused kernels against the plain path, one cache object over
+batches of other shapes, memory flat over many prompt lengths) is checked by ``tests/test_gpu.py``, which runs
+wherever CUDA is available.
+
 At batch 16 only the first ``--blocks-b16`` blocks are decoded (the no-cache step is ~20x slower there), so the
 prefix cache's numbers at batch 16 come from its most expensive blocks (the longest suffix).
 """
@@ -42,8 +46,8 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # 
 
 from lmeval_dllm.caches import build_cache  # noqa: E402
 from lmeval_dllm.generate import GenerationConfig, generate  # noqa: E402
-from lmeval_dllm.models import common  # noqa: E402
-from lmeval_dllm.models.common import DiffusionLM, ModelArgs  # noqa: E402
+from lmeval_dllm.models import DiffusionLM, ModelArgs  # noqa: E402
+from lmeval_dllm.models.kernels import fused_status  # noqa: E402
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class  # noqa: E402
 
 SHAPES = {
@@ -68,14 +72,14 @@ SHAPES = {
 CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {}}  # each cache at its defaults
 
 
-def build_model(name: str, device: torch.device, dtype: torch.dtype) -> DiffusionLM:
+def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool = True) -> DiffusionLM:
     """Random weights of the given shape, created on ``device`` (never materialised in float32)."""
     args = ModelArgs(**SHAPES[name])
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = DiffusionLM(args)
+            model = DiffusionLM(args, fuse=fuse)
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device=device)
@@ -146,10 +150,7 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
     a = model.args
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, a.mask_token_id, (B, P), generator=gen)
-    cache = build_cache(cache_name, **CACHE_KW[cache_name])
-    cache.graphs.enabled = use_graphs
-    if hasattr(cache, "block_graphs"):
-        cache.block_graphs.enabled = use_graphs
+    cache = build_cache(cache_name, cuda_graphs=use_graphs, **CACHE_KW[cache_name])
     sampler = build_sampler("vanilla", Proposal.from_params(), num_transfer_tokens=1)
     events: list = []
     inner = cache.forward
@@ -200,140 +201,6 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
         "median_step_ms": statistics.median(steps_ms), "mean_step_ms": sum(steps_ms) / len(steps_ms),
         "tokens_per_s": committed / wall, "wall_s": wall, "peak_mem_gib": peak / 2 ** 30,
     }
-
-
-# Strategies checked with every cache they can use (graphs vs eager; exact settings vs no cache). Lengths 32/8
-# (DAEDAL: from 8, at most 32).
-CHECK_STRATEGIES = {
-    "vanilla": {"num_transfer_tokens": 2},
-    "pc_sampler": {"debias": False},
-    "eb_sampler": {"gamma": 0.1},
-    "klass": {"threshold": 0.5},
-    "ar": {"num_transfer_tokens": 2},
-    "wino": {},
-    "daedal": {"initial_gen_length": 8, "max_gen_length": 32, "num_check_last_eot": 4, "threshold": 0.5},
-}
-
-
-def check_graphs(device: torch.device, strategies=tuple(CHECK_STRATEGIES)) -> list[str]:
-    """Every strategy with every cache it can use gives, with CUDA graphs, the logits and tokens it gives without
-    them, also when one cache object serves batches of other shapes in turn (as in lm-eval); with a cache refreshed
-    at every step, the tokens of no cache. Small float32 models, padded batches of 2 and 3. Returns failure
-    descriptions."""
-    from lmeval_dllm.caches.base import check_compatible
-
-    failures = []
-    settings = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
-                ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
-                ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1})]
-    for name in ("tiny-llada", "tiny-dream"):
-        model = build_model(name, device, torch.float32)
-        gen = torch.Generator(device="cpu").manual_seed(2)
-        prompt = torch.randint(0, model.args.mask_token_id, (2, 12), generator=gen)
-        pmask = torch.ones(2, 12, dtype=torch.bool)
-        pmask[1, :3] = False
-
-        # A second batch of another shape: lm-eval's model keeps one cache object for every batch it decodes.
-        prompt2 = torch.randint(0, model.args.mask_token_id, (3, 9), generator=gen)
-        pmask2 = torch.ones(3, 9, dtype=torch.bool)
-        pmask2[0, :2] = False
-
-        def decode(strategy, cache_name, kw, graphs, cache=None, batch=(prompt, pmask)):
-            if cache is None:
-                cache = build_cache(cache_name, **kw)
-                cache.graphs.enabled = graphs
-                if hasattr(cache, "block_graphs"):
-                    cache.block_graphs.enabled = graphs
-            proposal = Proposal.from_params().bind(model.args.eos_token_id, None)
-            sampler = build_sampler(strategy, proposal, **CHECK_STRATEGIES[strategy])
-            seen, step = [], sampler.step
-            sampler.step = lambda logits, state: (seen.append(logits.clone()), step(logits, state))[1]
-            config = GenerationConfig(None if sampler.sizes_canvas else 32, 8)
-            out = generate(model, *batch, sampler, config, stop_token_ids=torch.tensor([-1]), cache=cache)
-            return out.tokens.cpu(), seen, cache
-
-        for strategy in strategies:
-            ref_tokens, ref_logits, _ = decode(strategy, "none", {}, False)
-            if device.type == "cuda" and strategy == "vanilla":  # fused elementwise kernels vs the plain ops
-                common.FUSE_ON_CUDA = False
-                plain_tokens, plain_logits, _ = decode(strategy, "none", {}, False)
-                common.FUSE_ON_CUDA = True
-                diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, plain_logits))
-                ok = torch.equal(plain_tokens, ref_tokens) and diff <= 1e-3
-                line = f"check {name} fused vs plain elementwise: max|dlogits| {diff:.2e} -> {'ok' if ok else 'FAIL'}"
-                print(line, flush=True)
-                if not ok:
-                    failures.append(line)
-            for cache_name, kw in settings:
-                try:
-                    check_compatible(sampler_class(strategy), build_cache(cache_name, **kw))
-                except ValueError:
-                    continue  # refused up front (WINO / DAEDAL with dllm or d2cache): tested on the CPU
-                eager, eager_logits, _ = decode(strategy, cache_name, kw, False)
-                graphed, graphed_logits, cache = decode(strategy, cache_name, kw, True)
-                # the same cache object on a batch of another shape, then on the first shape again
-                eager2, _, _ = decode(strategy, cache_name, kw, False, batch=(prompt2, pmask2))
-                graphed2, _, _ = decode(strategy, cache_name, kw, True, cache=cache, batch=(prompt2, pmask2))
-                again, _, _ = decode(strategy, cache_name, kw, True, cache=cache)
-                same_shapes = len(eager_logits) == len(graphed_logits) and all(
-                    a.shape == b.shape for a, b in zip(eager_logits, graphed_logits))
-                diff = max((a - b).abs().max().item() for a, b in zip(eager_logits, graphed_logits)) \
-                    if same_shapes else float("inf")
-                ok = torch.equal(eager, graphed) and same_shapes and diff <= 1e-4
-                ok = ok and torch.equal(eager2, graphed2) and torch.equal(again, graphed)
-                exact = kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or cache_name == "none"
-                if exact and not torch.equal(eager, ref_tokens):
-                    ok = False
-                verdict = "ok" if ok else "FAIL"
-                line = f"check {name} {strategy} {cache_name} {kw}: graphs vs eager max|dlogits| {diff:.2e} -> {verdict}"
-                print(line, flush=True)
-                if not ok:
-                    failures.append(line)
-    return failures
-
-
-def check_cache_reuse(device: torch.device) -> list[str]:
-    """One cache object serving batches of other shapes in turn, as lm-eval's model uses it, on the bundled
-    trained tiny-llada (bfloat16, stop tokens on, so rows finish early): each batch's tokens equal a fresh
-    no-graphs decode of it. This is the path where a cache's graph pool was once reused after all its graphs were
-    dropped (PyTorch's allocator then asserts); the check above, with random models that never stop, missed it.
-    Returns failure descriptions."""
-    from lmeval_dllm.lm import BUNDLED_MODELS
-    from lmeval_dllm.models import load_model
-
-    model = load_model(BUNDLED_MODELS["tiny-llada"], dtype=torch.bfloat16, device=device)
-    stops = torch.tensor([model.args.eos_token_id, 258])  # <|endoftext|>, <|eot_id|>
-    gen = torch.Generator().manual_seed(0)
-    batches = []
-    for B, P in [(32, 60), (32, 70), (7, 55), (32, 60)]:
-        ids = torch.randint(0, 250, (B, P), generator=gen)
-        mask = torch.ones(B, P, dtype=torch.bool)
-        mask[0, :5] = False
-        batches.append((ids, mask))
-    failures = []
-    for cache_name in ("prefix", "dual", "dllm", "d2cache"):
-        cache = build_cache(cache_name)
-        for i, batch in enumerate(batches):
-            def run(c):
-                sampler = build_sampler("vanilla", Proposal.from_params(), threshold=0.9)
-                return generate(model, *batch, sampler, GenerationConfig(64, 32), stop_token_ids=stops,
-                                cache=c).tokens.cpu()
-            fresh = build_cache(cache_name)
-            fresh.graphs.enabled = False
-            if hasattr(fresh, "block_graphs"):
-                fresh.block_graphs.enabled = False
-            try:
-                ok = torch.equal(run(cache), run(fresh))
-                why = "" if ok else "tokens differ from a fresh eager decode"
-            except RuntimeError as e:
-                ok, why = False, f"{type(e).__name__}: {str(e)[:120]}"
-            line = f"check reuse tiny-llada bf16 {cache_name} batch {i} {tuple(batch[0].shape)}: " + \
-                ("ok" if ok else f"FAIL ({why})")
-            print(line, flush=True)
-            if not ok:
-                failures.append(line)
-                break
-    return failures
 
 
 def profile_step(name: str, cache_name: str, device: torch.device, P: int = 256, G: int = 256,
@@ -413,9 +280,6 @@ def main() -> None:
     ap.add_argument("--eager", default="none,dual", help="caches also timed without CUDA graphs (batch 1, 256/256)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script)")
     ap.add_argument("--profile", default="", help="model:cache pairs to profile (GPU), e.g. llada-8b:dual")
-    ap.add_argument("--no-check", action="store_true", help="skip the graphs-vs-eager correctness check")
-    ap.add_argument("--check-only", action="store_true", help="run the graphs-vs-eager check of every strategy and "
-                    "cache, then stop (exit status 1 on a failure)")
     ap.add_argument("--out", default="bench_caches.json")
     args = ap.parse_args()
 
@@ -439,14 +303,6 @@ def main() -> None:
                                                                    "matmul_flops_per_s": 1e11}
     info.update(floors)
     print(json.dumps(info), flush=True)
-    info["graph_check_failures"] = None if args.no_check else \
-        check_graphs(device) + (check_cache_reuse(device) if device.type == "cuda" else [])
-    if args.check_only:
-        save = json.dumps(info, indent=1)
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(save)
-        print(f"{len(info['graph_check_failures'] or [])} check failures")
-        sys.exit(1 if info["graph_check_failures"] else 0)
     rows: list[dict] = []
 
     def save(pending=()):
@@ -475,7 +331,7 @@ def main() -> None:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    info["fused_elementwise"] = {fn.__name__: not f.failed for fn, f in common._FUSED.items()}
+    info["fused_elementwise"] = fused_status()
     save()
     print("fused elementwise kernels:", info["fused_elementwise"])
     print(table(rows, floors))

@@ -11,17 +11,22 @@
    b. the cache returns the logits of the span the sampler looks at (the block, or the whole generation);
    c. the sampler decides which masked positions to commit (and, if it can, which to re-mask);
    d. the decision is applied to active rows only; every active row counts one forward pass (NFE);
-   e. the sampler may then change the canvas structure (``Sampler.resize``: DAEDAL grows rows and inserts
-      masks). Rows then have their own lengths; the columns past a row's length are hidden from attention and
-      never candidates, and the block loop runs until no block is left in the widest row.
+   e. a sampler may return a structural edit of the canvas with its decision (``StepOutput.edit``, a
+      :class:`~lmeval_dllm.state.CanvasEdit`: DAEDAL grows rows and inserts masks); the loop applies it. Rows then
+      have their own lengths; the columns past a row's length are hidden from attention and never candidates, and
+      the block loop runs until no block is left in the widest row.
+   f. a block that is still undecided after ``Sampler.step_budget(block_length)`` forward passes stops the call
+      with an error naming the block, the step and the rows (a cache or sampler that never decodes would
+      otherwise spin forever).
 3. A row *finishes* once a stop token (EOS / end-of-turn) is committed and every position before the first
    one is decoded: nothing it could still decode would change its answer, so stopping early gives exactly
    the tokens of running to the end. A caller-supplied ``block_done`` check (stop strings) is applied at
    block ends, where everything left of the block is final.
 
 The step itself has no per-row Python and no host sync; the loop reads one boolean per step (is any row
-still active?) and one per block (is every row finished?). A resizing sampler adds one sync per step (the new
-canvas width).
+still active?) and one per block (is every row finished?). An edit adds one sync per step (the new canvas
+width). The logits a sampler gets are float32 for the block span; for the "generation" span they stay in the
+model's dtype and the sampler converts the rows it reads.
 """
 
 from __future__ import annotations
@@ -32,41 +37,11 @@ from typing import Callable, Optional
 import torch
 
 from lmeval_dllm.caches.base import Cache, check_compatible
-from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState, Sampler
+from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.samplers.base import Sampler
+from lmeval_dllm.state import DecodeState, GenerationConfig
 
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Lengths of the generation region.
-
-    Args:
-        gen_length: number of positions generated (the canvas is prompt + ``gen_length`` masks). None for a
-            sampler that chooses the length itself (``Sampler.sizes_canvas``, DAEDAL).
-        block_length: semi-autoregressive block size; must divide ``gen_length``. ``gen_length`` = one block.
-            With a variable length, blocks are counted from the prompt and a row's last block may be shorter.
-    """
-
-    gen_length: Optional[int]
-    block_length: int
-
-    def __post_init__(self):
-        if self.block_length < 1:
-            raise ValueError(f"block_length must be an integer >= 1, got {self.block_length}")
-        if self.gen_length is None:
-            return
-        if self.gen_length < 1:
-            raise ValueError(f"gen_length must be an integer >= 1, got {self.gen_length}")
-        if self.gen_length % self.block_length:
-            raise ValueError(
-                f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}; "
-                f"choose a block_length that divides gen_length (e.g. 32 for 256) or block_length=gen_length"
-            )
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks of a fixed-length generation."""
-        return self.gen_length // self.block_length
+__all__ = ["GenerationConfig", "GenerationOutput", "finished_rows", "first_stop", "generate"]
 
 
 @dataclass
@@ -159,13 +134,25 @@ def generate(
         state.block_index, state.step_in_block = b, 0
         sampler.begin_block(state)
         cache.begin_block(state)
+        budget = sampler.step_budget(Lb)
         while True:
             active = ~finished & (state.x[:, state.block] == mask_id).any(-1)
             if not bool(active.any()):
                 break
+            if state.step_in_block >= budget:
+                rows = active.nonzero().flatten().tolist()
+                raise RuntimeError(
+                    f"block {b} (columns {state.block.start}-{state.block.stop} of the canvas) is still undecided "
+                    f"after {state.step_in_block} forward passes (step {state.step} of this call) in rows {rows}: "
+                    f"strategy {sampler.name!r} with cache={cache.name!r} committed nothing that finishes it "
+                    f"(the strategy's budget is {budget} passes per block); this is a bug in the strategy or cache"
+                )
             state.active = active
             span = state.block if sampler.logits_span == "block" else slice(P, state.x.shape[1])
-            logits = sampler.forward(model, cache, state, span).float()  # (B, L, V)
+            result = sampler.forward(model, cache, state, span)
+            state.fresh = result.fresh  # columns whose logits are this step's predictions (None = all)
+            # (B, L, V): float32 for the block; the generation span stays in the model's dtype (see the docstring)
+            logits = result.logits.float() if sampler.logits_span == "block" else result.logits
             out = sampler.step(logits, state)
             # Only masked positions of active rows can be committed; only decoded ones re-masked.
             cols = state.x[:, span]
@@ -184,8 +171,11 @@ def generate(
             nfe += active.long()
             state.step += 1
             state.step_in_block += 1
-            if sampler.sizes_canvas:
-                sampler.resize(state)
+            if out.edit is not None:
+                if not sampler.sizes_canvas:
+                    raise RuntimeError(f"strategy {sampler.name!r} returned a canvas edit but does not declare "
+                                       f"sizes_canvas")
+                state.apply(out.edit)
                 state.block = slice(start, min(start + Lb, state.x.shape[1]))
             cache.end_step(state, out)
             if not sampler.can_remask:  # a revokable sampler may still change tokens before EOS

@@ -49,7 +49,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from lmeval_dllm.models.common import DiffusionLM
+from lmeval_dllm.models import DiffusionLM
 
 SCHEMES = ("llada", "dream")
 

@@ -158,8 +158,7 @@ class DLLM(StatsReporting, TemplateLM):
         self.cache = build_cache(self.cache_name, **cache_kwargs)
 
         # 3. Checkpoint: config first (cheap), then tokenizer and weights.
-        from lmeval_dllm.models import load_model, parse_args
-        from lmeval_dllm.models.common import read_config, resolve_checkpoint_dir
+        from lmeval_dllm.models import load_model, parse_args, read_config, resolve_checkpoint_dir
 
         self.pretrained = resolve_pretrained(pretrained)
         directory = resolve_checkpoint_dir(self.pretrained, revision)

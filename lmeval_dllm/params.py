@@ -12,7 +12,7 @@ import difflib
 import inspect
 import types
 import typing
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 _UNIONS = (Union, types.UnionType)  # Optional[int] and int | None
 
@@ -86,9 +86,11 @@ def coerce(name: str, value: Any, tp) -> Any:
     raise ValueError(f"{name}={value!r}: expected {_describe(tp)}")
 
 
-def coerce_kwargs(fn, kwargs: dict[str, Any], what: str) -> dict[str, Any]:
-    """Check ``kwargs`` against ``fn``'s keyword-only parameters and convert their values."""
-    params = keyword_params(fn)
+def coerce_kwargs(fn, kwargs: dict[str, Any], what: str,
+                  params: Optional[dict[str, tuple[Any, Any]]] = None) -> dict[str, Any]:
+    """Check ``kwargs`` against ``fn``'s keyword-only parameters (or the given subset ``params`` of them) and
+    convert their values."""
+    params = keyword_params(fn) if params is None else params
     out = {}
     for name, value in kwargs.items():
         if name not in params:

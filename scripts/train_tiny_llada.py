@@ -39,7 +39,7 @@ import tiny_gsm_data  # noqa: E402
 
 from lmeval_dllm.generate import GenerationConfig, generate  # noqa: E402
 from lmeval_dllm.models import llada  # noqa: E402
-from lmeval_dllm.models.common import DiffusionLM  # noqa: E402
+from lmeval_dllm.models import DiffusionLM  # noqa: E402
 from lmeval_dllm.samplers.proposal import Proposal  # noqa: E402
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler  # noqa: E402
 from lmeval_dllm.tiny import llada_config, official_state_dict, write_checkpoint, write_tokenizer  # noqa: E402

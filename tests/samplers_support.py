@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.state import DecodeState
 
 MASK = 9
 PROMPT = (1, 2)

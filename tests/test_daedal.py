@@ -1,5 +1,5 @@
 """DaedalSampler (lmeval_dllm/samplers/daedal.py) and the loop's variable-length support it uses
-(``DecodeState.insert``, ``Sampler.resize``): hand-built logits, a scripted decode with known growth and
+(``DecodeState.insert``, the ``CanvasEdit`` a step returns): hand-built logits, a scripted decode with known growth and
 insertions, batches, the tiny checkpoints and the lm_eval command line."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from scripted import logit_rows
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.state import DecodeState
 from lmeval_dllm.samplers.daedal import eos_confidence
 
 V, MASK, EOS = 32, 31, 30
@@ -93,17 +93,18 @@ def test_stage2_commits_above_threshold_and_picks_the_least_confident_expansion_
                    num_check_last_eot=4, max_gen_length=16)
     assert out.commit[0].tolist() == [True, False, True, False] + [False] * 4
     assert out.tokens[0, :4].tolist()[::2] == [10, 12]
-    assert s.sampler_state["expand_at"].tolist() == [3]
+    # the expansion point becomes expansion_factor (8) masks: 7 inserted before column 3
+    assert (out.edit.at.tolist(), out.edit.count.tolist(), out.edit.token_ids.tolist()) == ([3], [7], [MASK])
 
 
 def test_stage2_commits_the_best_one_below_threshold_and_no_expansion_when_eos_is_confident():
     out, s = _step([0.5, 0.05, 0.7, 0.02, 0.95, 0.95, 0.95, 0.95], [10, 11, 12, 13, EOS, EOS, EOS, EOS],
                    num_check_last_eot=4, max_gen_length=16)
     assert out.commit[0].tolist() == [False, False, True, False] + [False] * 4
-    assert s.sampler_state["expand_at"].tolist() == [-1]  # EOS confidence 0.95 >= 0.9
+    assert out.edit.count.tolist() == [0]  # EOS confidence 0.95 >= 0.9: no expansion
     out, s = _step([0.5, 0.05, 0.7, 0.02, 0.6, 0.6, 0.6, 0.6], [10, 11, 12, 13, EOS, EOS, EOS, EOS],
                    num_check_last_eot=4, max_gen_length=8)
-    assert s.sampler_state["expand_at"].tolist() == [-1]  # at max_gen_length
+    assert out.edit.count.tolist() == [0]  # at max_gen_length
 
 
 def test_stage2_never_commits_a_predicted_mask():

@@ -143,3 +143,49 @@ def test_same_seed_same_sample(llada_dir):
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
+
+
+class StaleCache:
+    """A cache bug: after the first step it reports no column of the block as recomputed, so nothing can be
+    committed (a mutated Dream shift once made the suite hang like this)."""
+
+    name = "stale"
+    lacks: dict = {}
+
+    def __init__(self):
+        from lmeval_dllm.caches import Cache
+
+        self.inner, self.calls = Cache(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def forward(self, model, state, targets, extra=None):
+        from lmeval_dllm.state import StepLogits
+
+        out = self.inner.forward(model, state, targets, extra)
+        self.calls += 1
+        if self.calls == 1:
+            return out
+        return StepLogits(out.logits, torch.zeros_like(state.x, dtype=torch.bool))
+
+
+def test_a_block_that_never_finishes_stops_with_an_error_naming_the_step_and_rows():
+    targets, scores = [[10, 11, 12, 13, 14, 15, 16, 17]] * 2, [[8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]] * 2
+    sampler = build_sampler("vanilla", Proposal.from_params())
+    assert sampler.step_budget(4) == 32  # 4 * block_length + 16
+    cache = StaleCache()
+    with pytest.raises(RuntimeError) as e:
+        generate(ScriptedModel(targets, scores), torch.tensor([[1, 2, 3]] * 2), None, sampler,
+                 GenerationConfig(8, 4), stop_token_ids=STOPS, cache=cache)
+    assert str(e.value) == (
+        "block 0 (columns 3-7 of the canvas) is still undecided after 32 forward passes (step 32 of this call) in "
+        "rows [0, 1]: strategy 'vanilla' with cache='stale' committed nothing that finishes it (the strategy's "
+        "budget is 32 passes per block); this is a bug in the strategy or cache")
+    assert cache.calls == 32
+
+
+def test_daedal_budget_covers_its_growth_steps():
+    sampler = build_sampler("daedal", Proposal.from_params().bind(1, None), initial_gen_length=8, max_gen_length=64,
+                            expansion_factor=8)
+    assert sampler.step_budget(32) == 7 + 2 * 64 + 4 * 32 + 16

@@ -120,8 +120,23 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["model_type"] = "llama"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(ValueError, match=r"unsupported model_type 'llama' .*supported: 'llada' \(LLaDA-8B-Base/Instruct, "
-                                         r"LLaDA-1.5\), 'Dream' \(Dream-v0-Base/Instruct-7B\)"):
+    with pytest.raises(ValueError) as e:
+        load_model(d)
+    assert str(e.value) == (
+        f"unsupported checkpoint in {d}/config.json (model_type 'llama', architectures ['LLaDAModelLM']); supported: "
+        "llada (model_type 'llada', architectures LLaDAModelLM: GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, "
+        "GSAI-ML/LLaDA-1.5); dream (model_type 'Dream', architectures DreamModel: Dream-org/Dream-v0-Base-7B, "
+        "Dream-org/Dream-v0-Instruct-7B)")
+
+
+def test_same_model_type_other_architecture_is_not_loaded_as_the_dense_family(llada_dir, tmp_path):
+    """LLaDA-MoE's config.json also says model_type "llada": its architecture decides, not the string."""
+    d = _copy(llada_dir, tmp_path)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["architectures"] = ["LLaDAMoEModelLM"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"^unsupported checkpoint in .*config.json \(model_type 'llada', "
+                                         r"architectures \['LLaDAMoEModelLM'\]\); supported: llada "):
         load_model(d)
 
 

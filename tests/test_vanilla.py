@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmeval_dllm.samplers import Proposal, build_sampler
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.state import DecodeState
 from lmeval_dllm.samplers.vanilla import linear_schedule
 
 MASK = 9

@@ -12,7 +12,7 @@ from scripted import logit_rows
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.samplers import Proposal, build_sampler
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.state import DecodeState
 from lmeval_dllm.samplers.wino import WinoSampler, shadow_rows, token_probability
 
 V, MASK, EOS = 32, 31, 30
@@ -225,7 +225,7 @@ def test_one_layer_shadow_prediction_ignores_only_its_own_token(tmp_path, family
 
     def shadow(canvas):
         state.x = canvas
-        return sampler.forward(model, Cache(), state, block)[0, L:]
+        return sampler.forward(model, Cache(), state, block).logits[0, L:]
 
     base = shadow(x)
     for i in range(L):

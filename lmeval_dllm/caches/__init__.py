@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from lmeval_dllm.caches.base import FEATURES, Cache, ExtraRows, check_compatible
+from lmeval_dllm.caches.base import ENGINE_OPTIONS, FEATURES, Cache, check_compatible
 from lmeval_dllm.caches.d2cache import D2Cache
 from lmeval_dllm.caches.dllm_cache import DLLMCache
 from lmeval_dllm.caches.dual import DualCache
 from lmeval_dllm.caches.prefix import PrefixCache
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
+from lmeval_dllm.state import ExtraRows
 
 # name -> class; "none" (or no cache argument) is the exact computation
 CACHES: dict[str, type[Cache]] = {
@@ -32,13 +33,16 @@ def cache_class(name: Optional[str]) -> type[Cache]:
 
 
 def cache_params(name: Optional[str]) -> dict[str, tuple[Any, Any]]:
-    return keyword_params(cache_class(name).__init__)
+    """{parameter: (type, default)} of the method (engine options such as ``cuda_graphs`` are not among them)."""
+    return {k: v for k, v in keyword_params(cache_class(name).__init__).items() if k not in ENGINE_OPTIONS}
 
 
-def build_cache(name: Optional[str], **kwargs: Any) -> Cache:
+def build_cache(name: Optional[str], *, cuda_graphs: bool = True, **kwargs: Any) -> Cache:
+    """The cache ``name`` with its method parameters ``kwargs`` (validated, coerced); ``cuda_graphs``: replay
+    steps as CUDA graphs (an engine option)."""
     cls = cache_class(name)
-    return cls(**coerce_kwargs(cls.__init__, kwargs, f"cache {name!r}"))
+    return cls(cuda_graphs=cuda_graphs, **coerce_kwargs(cls.__init__, kwargs, f"cache {name!r}", cache_params(name)))
 
 
-__all__ = ["CACHES", "FEATURES", "Cache", "ExtraRows", "build_cache", "cache_class", "cache_params",
+__all__ = ["CACHES", "ENGINE_OPTIONS", "FEATURES", "Cache", "ExtraRows", "build_cache", "cache_class", "cache_params",
            "check_compatible"]

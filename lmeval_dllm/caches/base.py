@@ -1,60 +1,49 @@
 """The cache interface, the no-cache baseline, and the rule that says which strategy can use which cache.
 
 A cache decides, each step, which canvas rows run through the transformer and supplies what the other rows
-contribute. It meets the model in one place, inside attention: ``k, v = cache.update(layer_idx, k, v)`` receives
-the fresh K/V of the rows being run and returns the full-length K/V to attend to (gpt-fast's
-``KVCache.update``). A cache that reuses more than K/V (dLLM-Cache: attention and FFN outputs; d2Cache: it also
-needs attention scores) drives the layers itself through ``Block.qkv / attend / mlp``. Lifecycle hooks have
-no-op defaults. Storage is allocated in :meth:`Cache.setup` (once per batch shape) and reused for every step.
+contribute. It meets the model only through the layer hooks of :class:`~lmeval_dllm.models.LayerHooks`, which
+:class:`Cache` implements: ``update(layer_idx, input_pos, k, v)`` stores the fresh K/V of the rows being run at
+the key slots ``input_pos`` the cache passed to ``model(..., input_pos=...)`` and returns the K/V to attend to
+(gpt-fast's ``KVCache.update``); ``layer_rows`` / ``reuse`` recompute a subset of rows in a layer and reuse stored
+attention / FFN outputs for the others (dLLM-Cache); ``observe_attention`` sees each layer's queries and keys
+(d2Cache's rollout). The layer loop itself is the model's. Lifecycle hooks have no-op defaults. Storage is
+allocated in :meth:`Cache.setup` (once per batch shape) and reused for every step.
+
+:meth:`Cache.forward` returns a :class:`~lmeval_dllm.state.StepLogits`: the logits of the asked-for columns and,
+when the cache did not recompute all of them, which are real (``fresh``); the loop hands that to the sampler as
+``state.fresh``.
 
 What a strategy does to use a cache:
 
 - nothing, if it decodes with the usual forward (``Sampler.forward`` -> ``cache.forward(model, state, span)``)
   and picks its candidates with ``state.candidates(span)`` (which excludes columns whose logits a cache did not
-  recompute, ``state.fresh``);
+  recompute);
 - a strategy that runs rows that are not part of the canvas (WINO's shadow block) passes them as
-  :class:`ExtraRows` to ``cache.forward(model, state, span, extra=...)`` and declares
+  :class:`~lmeval_dllm.state.ExtraRows` to ``cache.forward(model, state, span, extra=...)`` and declares
   ``cache_needs = frozenset({"extra_rows"})``;
-- a strategy that changes the canvas length while decoding (DAEDAL) replaces ``state.x`` / ``position_ids`` /
-  ``attention_mask`` (and ``decoded_at``) with the longer tensors and declares ``cache_needs = {"resize"}``; a
-  cache notices the new length at its next forward.
+- a strategy that changes the canvas length while decoding (DAEDAL) returns a
+  :class:`~lmeval_dllm.state.CanvasEdit` with its step and declares ``cache_needs = {"resize"}``; a cache notices
+  the new length at its next forward.
 
 :func:`check_compatible` rejects, before any model work, a cache that lacks something the strategy needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
 from lmeval_dllm.caches.graphs import StepGraphs
-from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+from lmeval_dllm.models import DiffusionLM, LayerHooks
+from lmeval_dllm.samplers.base import Sampler
+from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 
 # What a strategy may need from a cache besides the usual forward (``Sampler.cache_needs``).
 FEATURES: dict[str, str] = {
     "extra_rows": "runs rows that are not part of the canvas alongside it (WINO's leave-one-out shadow block)",
     "resize": "changes the canvas length while decoding (DAEDAL inserts masks)",
 }
-
-
-@dataclass
-class ExtraRows:
-    """Rows run together with the canvas that are not part of it (WINO's shadow block).
-
-    Canvas rows never attend to extra rows; extra rows attend to what ``sees`` allows. Their logits are the raw
-    outputs of those rows (no logit shift: a Dream strategy aligns them itself).
-    """
-
-    ids: torch.Tensor  # (B, E) long
-    position_ids: torch.Tensor  # (B, E) long: RoPE positions (WINO: those of the block columns they shadow)
-    sees: torch.Tensor  # (B, E, T + E) bool: keys each extra row attends to, canvas keys first, then extra keys
-
-    @property
-    def count(self) -> int:
-        return self.ids.shape[1]
 
 
 def check_compatible(sampler: Sampler | type[Sampler], cache: Cache | type[Cache]) -> None:
@@ -105,8 +94,16 @@ def target_rows(model: DiffusionLM, targets: slice, q0: int, q1: int) -> slice:
     return slice(start - q0, stop - q0)
 
 
-class Cache:
+# Constructor options of every cache that are engine settings, not the method's parameters (``cache_params``
+# leaves them out; ``--model_args`` sets them for the model and the cache together).
+ENGINE_OPTIONS = ("cuda_graphs",)
+
+
+class Cache(LayerHooks):
     """No cache: every step runs the whole canvas (the exact reference computation).
+
+    Args:
+        cuda_graphs: replay each step's forward as a CUDA graph (``caches/graphs.py``); no effect on the CPU.
 
     Capabilities, read once by :func:`check_compatible` (never ``isinstance``):
 
@@ -116,20 +113,29 @@ class Cache:
     name: ClassVar[str] = "none"
     lacks: ClassVar[dict[str, str]] = {}
 
-    def __init__(self) -> None:
-        self.graphs = StepGraphs()
+    def __init__(self, *, cuda_graphs: bool = True) -> None:
+        self.cuda_graphs = cuda_graphs
+        self.graphs = StepGraphs(enabled=cuda_graphs)
+        self._shape: Optional[tuple] = None
 
     def setup(self, model: DiffusionLM, state: DecodeState) -> None:
-        """Called once per ``generate`` call, after the canvas is built: allocate (or reuse) storage here."""
+        """Called once per ``generate`` call, after the canvas is built: allocate (or reuse) storage here.
+
+        The no-cache path keeps the graph of one canvas shape: a new shape drops the old graphs (each holds
+        its activation memory; lm-eval batches come in many prompt lengths)."""
+        shape = (*state.x.shape, model.dtype, model.device)
+        if shape != self._shape:
+            self.graphs.reset()
+            self._shape = shape
 
     def begin_block(self, state: DecodeState) -> None:
         """Called when a block starts."""
 
     def forward(self, model: DiffusionLM, state: DecodeState, targets: slice,
-                extra: Optional[ExtraRows] = None) -> torch.Tensor:
+                extra: Optional[ExtraRows] = None) -> StepLogits:
         """Logits (B, len(targets) [+ E], V) of the canvas columns ``targets`` for this step, followed by the
-        logits of the ``extra`` rows if any. Columns a cache did not recompute come back as zeros and are marked
-        in ``state.fresh``."""
+        logits of the ``extra`` rows if any, and the columns that are real predictions (``StepLogits.fresh``;
+        columns a cache did not recompute come back as zeros)."""
         T = state.x.shape[1]
         rows = target_rows(model, targets, 0, T)
         if extra is not None:
@@ -137,18 +143,14 @@ class Cache:
             ids = torch.cat([state.x, extra.ids], dim=1)
             pos = torch.cat([state.position_ids, extra.position_ids], dim=1)
             index = torch.cat([cols[rows], T + torch.arange(extra.count, device=cols.device)])
-            return model(ids, pos, extended_mask(state, extra, cols), None, logits_index=index)
+            return StepLogits(model(ids, pos, extended_mask(state, extra, cols), None, logits_index=index))
         if state.x.device.type != "cuda" or not self.graphs.enabled:
-            return model.predict(state.x, state.position_ids, targets, attention_mask=state.attention_mask)
+            return StepLogits(model.predict(state.x, state.position_ids, targets, attention_mask=state.attention_mask))
         index = torch.arange(rows.start, rows.stop, device=state.x.device)  # a tensor: one graph for all blocks
         mask = () if state.attention_mask is None else (state.attention_mask,)
         key = ("full", *state.x.shape, index.numel(), len(mask))
-        return self.graphs.run(key, lambda x, pos, idx, *m: model(x, pos, m[0] if m else None, None, idx),
-                               state.x, state.position_ids, index, *mask)
+        return StepLogits(self.graphs.run(key, lambda x, pos, idx, *m: model(x, pos, m[0] if m else None, None, idx),
+                                          state.x, state.position_ids, index, *mask))
 
     def end_step(self, state: DecodeState, out: StepOutput) -> None:
         """Called after the sampler's decision was applied to ``state.x``."""
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the fresh k, v (B, Hkv, Q, Dh) of the rows being run; return the K/V to attend to."""
-        return k, v

@@ -14,8 +14,10 @@ set of positions per batch row, chosen after the previous step in two stages:
    ones are added until their share of the total reaches ``rollout_p`` (at least one);
 3. ``inflate_w > 0``: gaps of at most ``inflate_w`` between selected positions are filled.
 
-Only those rows run through the layers; their fresh K/V overwrite the cache and they attend to all cached K/V.
-Columns whose logits were not recomputed are marked in ``state.fresh`` (no strategy commits them).
+Only those rows run through the model's layers (``model(..., input_pos=slots)``, the rows' own positions as key
+slots); their fresh K/V overwrite the cache and they attend to all cached K/V. The rollout reads each layer's
+queries and keys through the ``observe_attention`` hook. Columns whose logits were not recomputed are marked in
+the returned ``StepLogits.fresh`` (no strategy commits them).
 
 Attention probabilities without eager attention: outputs come from the fused SDPA kernel as for every other cache;
 the rollout's head-averaged probabilities are computed separately for the queried rows only, in float32, from their
@@ -53,10 +55,11 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache, ExtraRows
-from lmeval_dllm.caches.rows import gather_rope, gather_rows, scatter_heads_, store_index
-from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState, StepOutput, top_k_mask
+from lmeval_dllm.caches.base import Cache
+from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.models.rows import gather_rope, scatter_heads_, store_index
+from lmeval_dllm.samplers.base import top_k_mask
+from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 
 QUERY_BUCKET = 16  # rows run per step are rounded up to a multiple of this: few shapes, few CUDA graphs
 PROBS_CHUNK = 256  # queries per chunk when computing attention probabilities and LM-head confidences
@@ -115,8 +118,9 @@ class D2Cache(Cache):
             semi-autoregressive blocks).
         refresh_interval: run the whole canvas again every ``refresh_interval`` steps of a row (ours). None
             (default): only the first step.
+        cuda_graphs: replay steps as CUDA graphs (an engine option, not the method's).
 
-    Storage: K, V `(n_layers, B, Hkv, T + 1, Dh)` (slot T is the trash slot of ``caches/rows.py``), allocated
+    Storage: K, V `(n_layers, B, Hkv, T + 1, Dh)` (slot T is the trash slot of ``models/rows.py``), allocated
     when the batch shape changes; per-row state (B, T) / (B, G).
     """
 
@@ -126,9 +130,11 @@ class D2Cache(Cache):
         "resize": "d2cache's K/V, confidence and importance records are stored by canvas position",
     }
 
+    needs_attention = True  # the rollout reads every layer's attention probabilities
+
     def __init__(self, *, rollout_p: float = 0.1, current_k: int = 32, sigma: float = 10.0, inflate_w: int = 0,
-                 refresh_interval: Optional[int] = None):
-        super().__init__()
+                 refresh_interval: Optional[int] = None, cuda_graphs: bool = True):
+        super().__init__(cuda_graphs=cuda_graphs)
         if not 0.0 <= rollout_p <= 1.0:
             raise ValueError(f"rollout_p must be in [0, 1], got {rollout_p!r}")
         if current_k < 1:
@@ -162,70 +168,77 @@ class D2Cache(Cache):
         self.kappa = torch.zeros(B, G + 1, device=device)  # confidence record; column G is a trash slot
         self.importance = torch.zeros(B, T, device=device)  # rollout importance of this step
         self.was_masked = torch.zeros(B, G, dtype=torch.bool, device=device)  # masks when the step's rows ran
-        self.passes = [0] * B
-        self.passes_dev = torch.zeros(B, dtype=torch.long, device=device)
+        self.passes_dev = torch.zeros(B, dtype=torch.long, device=device)  # per row: passes it decoded in
         self.cos, self.sin = model.rope(state.position_ids)  # (B, 1, T, Dh)
         self.kernel = density_kernel(G, self.sigma, device)
         self.mask_token_id = state.mask_token_id
+        self._step: Optional[dict] = None  # what the layer hooks of one forward share
 
-    def _full(self, n) -> bool:
-        return n == 0 or (self.refresh_interval is not None and n % self.refresh_interval == 0)
+    def _full(self, active: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: active rows that run the whole canvas this step (their first, or a refresh)."""
+        n = self.passes_dev
+        full = n == 0
+        if self.refresh_interval is not None:
+            full = full | (n % self.refresh_interval == 0)
+        return active & full
 
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(self, model: DiffusionLM, state: DecodeState, targets: slice,
-                extra: Optional[ExtraRows] = None) -> torch.Tensor:
+                extra: Optional[ExtraRows] = None) -> StepLogits:
         if extra is not None or state.x.shape[1] != self.length:
             raise RuntimeError("d2cache runs canvas rows of a fixed length only (check_compatible)")
         B, T = state.x.shape
         active = state.active if state.active is not None else torch.ones(B, dtype=torch.bool, device=state.x.device)
-        on = active.tolist()  # the loop has just synced on `active`: no extra wait
-        full = [a and self._full(n) for a, n in zip(on, self.passes)]
-        # The step's shape is the largest query set: one read of the per-row counts (a host sync, once a step).
-        counts = self.queries.sum(-1).tolist() if any(a and not f for a, f in zip(on, full)) else [0] * B
-        real_rows = self.real_keys.sum(-1).tolist() if any(full) else [0] * B
-        most = max(r if f else (c if a else 0) for a, f, c, r in zip(on, full, counts, real_rows))
+        # The step's shape is the largest query set: the step's one host read.
+        full = self._full(active)
+        counts = torch.where(full, self.real_keys.sum(-1), torch.where(active, self.queries.sum(-1), 0))
+        most = int(counts.max())
         M = min(T, -(-most // QUERY_BUCKET) * QUERY_BUCKET)
         mask = () if state.attention_mask is None else (state.attention_mask,)
         key = (B, T, M, targets.start, targets.stop, len(mask))
         logits, fresh = self.graphs.run(key, lambda x, act, *m: self._forward(model, x, act, m, M, targets),
                                         state.x, active, *mask)
-        state.fresh = fresh
-        self.passes = [n + a for n, a in zip(self.passes, on)]
-        return logits
+        return StepLogits(logits, fresh)
 
     def _forward(self, model, x, active, mask, M: int, targets: slice):
         """x (B, T), active (B,) -> logits (B, len(targets), V), fresh (B, T). Runs M rows per batch row."""
         B, T = x.shape
         P = self.prompt_len
         key_mask = mask[0] if mask else None
-        attn_mask = key_mask[:, None, None, :] if mask else None
-        n = self.passes_dev
-        full = active & ((n == 0) | ((n % self.refresh_interval == 0) if self.refresh_interval else False))
-        run = torch.where(full[:, None], self.real_keys, self.queries) & active[:, None]  # (B, T)
+        run = torch.where(self._full(active)[:, None], self.real_keys, self.queries) & active[:, None]  # (B, T)
         index = torch.sort(run.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :M]  # (B, M)
         real = run.gather(1, index)  # (B, M): the first |run| of each row, then placeholders
-        slots = store_index(index, real, T)
         self.was_masked.copy_(x[:, P:] == self.mask_token_id)
         onehot = torch.zeros(B, M, T + 1, device=x.device).scatter_(2, index[..., None], 1.0)[..., :T]
-        rollout = onehot  # (B, M, T): rows of the rolled-out attention for the queried positions
-        h = gather_rows(model.tok_embeddings(x), index)  # (B, M, D)
-        cos, sin = gather_rope(self.cos, index), gather_rope(self.sin, index)
-        for i, layer in enumerate(model.layers):
-            q, k, v = layer.qkv(h, cos, sin)
-            scatter_heads_(self.k[i], slots, k)
-            scatter_heads_(self.v[i], slots, v)
-            keys, values = self.k[i, :, :, :T], self.v[i, :, :, :T]
-            h = h + layer.attend(q, keys, values, attn_mask)
-            h = h + layer.mlp(h)
-            # Rollout: R <- rownorm(A + I) R over the queried rows; other rows are identity rows.
-            a = head_mean_probs(q, keys, key_mask) + onehot
-            a = a / a.sum(-1, keepdim=True)
-            rollout = self._rollout_step(a, index, real, rollout)
+        # rollout (B, M, T): rows of the rolled-out attention for the queried positions, grown by each layer
+        self._step = dict(index=index, real=real, onehot=onehot, key_mask=key_mask, rollout=onehot)
+        rope = (gather_rope(self.cos, index), gather_rope(self.sin, index))
+        h = model(x.gather(1, index), None, key_mask, self, None, input_pos=store_index(index, real, T), rope=rope,
+                  hidden=True)  # (B, M, D)
+        rollout, self._step = self._step["rollout"], None
         # Importance: column sums of R; unqueried rows are identity rows (1 in their own column).
         self.importance.copy_((~run).float() + (rollout * real[..., None]).sum(1))
         self.passes_dev += active.long()
         return self._logits(model, h, index, real, targets)
+
+    # -- the model's layer hooks ------------------------------------------------------------------------------
+
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, M, Dh) of the queried rows -> their slots ``input_pos`` (B, M) (placeholders: the trash
+        slot); returns the cached K/V of every position (B, Hkv, T, Dh)."""
+        T = self.length
+        scatter_heads_(self.k[layer_idx], input_pos, k)
+        scatter_heads_(self.v[layer_idx], input_pos, v)
+        return self.k[layer_idx, :, :, :T], self.v[layer_idx, :, :, :T]
+
+    def observe_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """One rollout layer: R <- rownorm(A + I) R over the queried rows; other rows are identity rows."""
+        st = self._step
+        a = head_mean_probs(q, k, st["key_mask"]) + st["onehot"]
+        a = a / a.sum(-1, keepdim=True)
+        st["rollout"] = self._rollout_step(a, st["index"], st["real"], st["rollout"])
 
     @staticmethod
     def _rollout_step(a: torch.Tensor, index: torch.Tensor, real: torch.Tensor, rollout: torch.Tensor):

@@ -14,7 +14,10 @@ the current residual. Per forward pass ``n`` of a row (0-based, counting the pas
   ones, the keys only of the recomputed rows;
 - layer 0 is always recomputed in full (as the released hooks do: ``or self.layer_id == 0``).
 
-Attention of recomputed rows is over the full cached K/V with the fresh parts written in. As in the released code,
+It runs through the model's own layer loop: per layer, :meth:`DLLMCache.layer_rows` names the rows recomputed (a
+:class:`~lmeval_dllm.models.rows.RowSubset`), ``update`` writes their K/V, and ``reuse`` returns the attention /
+FFN outputs to add to the residual stream (the stored ones, with the fresh rows written in). Attention of
+recomputed rows is over the full cached K/V with the fresh parts written in. As in the released code,
 keys are cached after RoPE is applied (identical to re-applying RoPE to cached pre-RoPE keys).
 
 Differences from the released code, on purpose: the schedule counts each batch row's own forward passes (the
@@ -31,11 +34,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lmeval_dllm.caches.base import Cache, ExtraRows, target_rows
-from lmeval_dllm.caches.rows import (gather_rope, gather_rows, rank_ascending, scatter_heads_, scatter_rows_,
-                                     store_index)
-from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.caches.base import Cache, target_rows
+from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.models.rows import RowSubset, rank_ascending, scatter_heads_, scatter_rows_
+from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
 
 class DLLMCache(Cache):
@@ -48,9 +50,10 @@ class DLLMCache(Cache):
         kr: response refresh interval (>= 1). Default 7 (same script). ``kp=1, kr=1`` is the exact computation.
         rou: fraction of the generation region recomputed at the steps in between, in [0, 1]. Default 0.25
             (every released script); 0 reuses the cached response features unchanged.
+        cuda_graphs: replay steps as CUDA graphs (an engine option, not the method's).
 
     Storage per layer: K, V `(B, Hkv, T + 1, Dh)`, attention and FFN outputs `(B, T + 1, D)` (slot T is the trash
-    slot of ``caches/rows.py``); LLaDA-8B at T = 512: 1 GiB per batch row. Allocated when the batch shape changes.
+    slot of ``models/rows.py``); LLaDA-8B at T = 512: 1 GiB per batch row. Allocated when the batch shape changes.
     """
 
     name = "dllm"
@@ -59,8 +62,8 @@ class DLLMCache(Cache):
         "resize": "the dllm cache's features are stored by canvas position and would all have to be rebuilt",
     }
 
-    def __init__(self, *, kp: int = 50, kr: int = 7, rou: float = 0.25):
-        super().__init__()
+    def __init__(self, *, kp: int = 50, kr: int = 7, rou: float = 0.25, cuda_graphs: bool = True):
+        super().__init__(cuda_graphs=cuda_graphs)
         if kp < 1:
             raise ValueError(f"kp must be an integer >= 1, got {kp}")
         if kr < 1:
@@ -84,85 +87,98 @@ class DLLMCache(Cache):
         self.graphs.reset()  # the per-call tensors below get new addresses
         self.prompt_len, self.length = state.prompt_len, T
         self.n_adapt = int(self.rou * (T - state.prompt_len))  # the release's int(gen_len * transfer_ratio)
-        self.passes = [0] * B  # per row: forward passes in which it decoded (host copy, decides shapes)
-        self.passes_dev = torch.zeros(B, dtype=torch.long, device=model.device)  # the same, for the graph
-        self.cos, self.sin = model.rope(state.position_ids)  # (B, 1, T, Dh): gathered per layer
+        self.passes_dev = torch.zeros(B, dtype=torch.long, device=model.device)  # per row: passes it decoded in
+        self.cos, self.sin = model.rope(state.position_ids)  # (B, 1, T, Dh), for every step of the call
+        self._plan = None
 
-    def row_counts(self, active: list[bool]) -> tuple[int, bool]:
-        """(rows run per batch row in layers >= 1, whether any row ranks its response rows by similarity)."""
-        P, G = self.prompt_len, self.length - self.prompt_len
-        most, rank = 0, False
-        for on, n in zip(active, self.passes):
-            if on:
-                refresh_gen = n % self.kr == 0
-                most = max(most, P * (n % self.kp == 0) + (G if refresh_gen else self.n_adapt))
-                rank |= not refresh_gen and self.n_adapt > 0
-        return most, rank
+    def row_counts(self, active: torch.Tensor) -> torch.Tensor:
+        """(2,) long on the device: (rows run per batch row in layers >= 1, whether any row ranks its response
+        rows by similarity). Read once per step (the step's shapes depend on it)."""
+        P, G, n = self.prompt_len, self.length - self.prompt_len, self.passes_dev
+        refresh_gen = n % self.kr == 0
+        rows = P * (n % self.kp == 0).long() + torch.where(refresh_gen, G, self.n_adapt)
+        most = torch.where(active, rows, 0).amax()
+        rank = (active & ~refresh_gen).any() & (self.n_adapt > 0)
+        return torch.stack([most, rank.long()])
 
     def forward(self, model: DiffusionLM, state: DecodeState, targets: slice,
-                extra: Optional[ExtraRows] = None) -> torch.Tensor:
+                extra: Optional[ExtraRows] = None) -> StepLogits:
         if extra is not None or state.x.shape[1] != self.length:
             raise RuntimeError("the dllm cache runs canvas rows of a fixed length only (check_compatible)")
         B = state.x.shape[0]
         active = state.active if state.active is not None else torch.ones(B, dtype=torch.bool, device=state.x.device)
-        on = active.tolist()  # the loop has just synced on `active`: this read costs no extra wait
-        most, rank = self.row_counts(on)
+        most, rank = self.row_counts(active).tolist()  # the step's one host read
         rows = target_rows(model, targets, 0, self.length)
         mask = () if state.attention_mask is None else (state.attention_mask,)
-        key = (B, self.length, most, rank, rows.start, rows.stop, len(mask))
-        logits = self.graphs.run(key, lambda x, act, *m: self._forward(model, x, act, m, most, rank, rows),
+        key = (B, self.length, most, bool(rank), rows.start, rows.stop, len(mask))
+        logits = self.graphs.run(key, lambda x, act, *m: self._forward(model, x, act, m, most, bool(rank), rows),
                                  state.x, active, *mask)
-        self.passes = [n + a for n, a in zip(self.passes, on)]
-        return logits
+        return StepLogits(logits)
 
     def _forward(self, model, x, active, mask, most: int, rank: bool, rows: slice) -> torch.Tensor:
         """x (B, T), active (B,) -> logits (B, len(rows), V). ``most``/``rank``: see :meth:`row_counts`."""
         B, T = x.shape
         P, G = self.prompt_len, T - self.prompt_len
-        attn_mask = mask[0][:, None, None, :] if mask else None  # (B, 1, 1, T)
         n = self.passes_dev
         refresh_prompt = active & (n % self.kp == 0)
         refresh_gen = active & (n % self.kr == 0)
-        adaptive = active & ~refresh_gen & (self.n_adapt > 0)
-        count = P * refresh_prompt.long() + torch.where(refresh_gen, G, self.n_adapt) * active.long()  # (B,)
-        every = torch.arange(T, device=x.device).expand(B, T)
-        h = model.tok_embeddings(x)  # (B, T, D)
-        for i, layer in enumerate(model.layers):
-            if i == 0:  # always recomputed in full (released hooks)
-                index, real = every, active[:, None].expand(B, T)
-            elif most == 0:
-                h = h + self.attn[i, :, :T] + self.ffn[i, :, :T]  # nothing recomputed: cached outputs only
-                continue
-            else:
-                # Order positions by priority; each row's first `count` are its recomputed rows.
-                prio = torch.empty(B, T, device=x.device)
-                prio[:, :P] = torch.where(refresh_prompt, 4.0, 0.0)[:, None]
-                if rank:
-                    v_new = layer.values(h[:, P:])  # (B, Hkv, G, Dh)
-                    v_old = self.v[i, :, :, P:T]
-                    sim = F.cosine_similarity(v_new.transpose(1, 2).flatten(2).float(),
-                                              v_old.transpose(1, 2).flatten(2).float(), dim=-1)  # (B, G)
-                    gen_prio = 2.0 - rank_ascending(sim) / G  # least similar first, in (1, 2]
-                    # Adaptive rows take every fresh value (the release's kv_cache_gen["v"] = v_gen).
-                    self.v[i, :, :, P:T] = torch.where(adaptive[:, None, None, None], v_new, v_old)
-                else:
-                    gen_prio = torch.ones(B, G, device=x.device)
-                prio[:, P:] = torch.where(refresh_gen[:, None], 3.0, gen_prio)
-                index = torch.sort(prio, dim=-1, descending=True, stable=True).indices[:, :most]  # (B, M)
-                real = torch.arange(most, device=x.device)[None, :] < count[:, None]
-            h = self._layer(layer, i, h, index, real, attn_mask)
+        self._plan = dict(
+            active=active, refresh_prompt=refresh_prompt, refresh_gen=refresh_gen, most=most, rank=rank,
+            adaptive=active & ~refresh_gen & (self.n_adapt > 0),
+            count=P * refresh_prompt.long() + torch.where(refresh_gen, G, self.n_adapt) * active.long(),  # (B,)
+        )
+        logits = model(x, None, mask[0] if mask else None, self, rows, rope=(self.cos, self.sin))
+        self._plan = None
         self.passes_dev += active.long()
-        return model.head(h[:, rows])
+        return logits
 
-    def _layer(self, layer, i: int, h: torch.Tensor, index: torch.Tensor, real: torch.Tensor,
-               attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """One layer: recompute rows ``index`` (B, M) (``real`` (B, M) of them count), reuse the others."""
-        T = h.shape[1]
-        slots = store_index(index, real, T)
-        q, k, v = layer.qkv(gather_rows(h, index), gather_rope(self.cos, index), gather_rope(self.sin, index))
-        scatter_heads_(self.k[i], slots, k)
-        scatter_heads_(self.v[i], slots, v)
-        scatter_rows_(self.attn[i], slots, layer.attend(q, self.k[i, :, :, :T], self.v[i, :, :, :T], attn_mask))
-        h = h + self.attn[i, :, :T]
-        scatter_rows_(self.ffn[i], slots, layer.mlp(gather_rows(h, index)))
-        return h + self.ffn[i, :, :T]
+    # -- the model's layer hooks ------------------------------------------------------------------------------
+
+    def layer_rows(self, layer_idx: int, layer, h: torch.Tensor) -> RowSubset:
+        """Rows of the stream h (B, T, D) recomputed in this layer: every row in layer 0 (the released hooks),
+        otherwise each row's first ``count`` positions by priority (refreshed prompt, refreshed response, then
+        the response rows whose values changed most)."""
+        plan, i = self._plan, layer_idx
+        B, T, _ = h.shape
+        P, G = self.prompt_len, T - self.prompt_len
+        if i == 0:  # always recomputed in full (released hooks)
+            every = torch.arange(T, device=h.device).expand(B, T)
+            return RowSubset(every, plan["active"][:, None].expand(B, T), T)
+        most = plan["most"]
+        if most == 0:  # nothing recomputed: cached outputs only
+            empty = torch.zeros(B, 0, dtype=torch.long, device=h.device)
+            return RowSubset(empty, empty.bool(), T)
+        # Order positions by priority; each row's first `count` are its recomputed rows.
+        prio = torch.empty(B, T, device=h.device)
+        prio[:, :P] = torch.where(plan["refresh_prompt"], 4.0, 0.0)[:, None]
+        if plan["rank"]:
+            v_new = layer.values(h[:, P:])  # (B, Hkv, G, Dh)
+            v_old = self.v[i, :, :, P:T]
+            sim = F.cosine_similarity(v_new.transpose(1, 2).flatten(2).float(),
+                                      v_old.transpose(1, 2).flatten(2).float(), dim=-1)  # (B, G)
+            gen_prio = 2.0 - rank_ascending(sim) / G  # least similar first, in (1, 2]
+            # Adaptive rows take every fresh value (the release's kv_cache_gen["v"] = v_gen).
+            self.v[i, :, :, P:T] = torch.where(plan["adaptive"][:, None, None, None], v_new, v_old)
+        else:
+            gen_prio = torch.ones(B, G, device=h.device)
+        prio[:, P:] = torch.where(plan["refresh_gen"][:, None], 3.0, gen_prio)
+        index = torch.sort(prio, dim=-1, descending=True, stable=True).indices[:, :most]  # (B, M)
+        real = torch.arange(most, device=h.device)[None, :] < plan["count"][:, None]
+        return RowSubset(index, real, T)
+
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, M, Dh) of the recomputed rows -> their slots ``input_pos`` (B, M) (dummies: the trash
+        slot); returns the cached K/V of every position (B, Hkv, T, Dh)."""
+        T = self.length
+        scatter_heads_(self.k[layer_idx], input_pos, k)
+        scatter_heads_(self.v[layer_idx], input_pos, v)
+        return self.k[layer_idx, :, :, :T], self.v[layer_idx, :, :, :T]
+
+    def reuse(self, layer_idx: int, kind: str, rows: RowSubset, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """The stored attention or FFN outputs (B, T, D) of every position, with the fresh ``out`` (B, M, D) of
+        the recomputed rows written in first."""
+        store = (self.attn if kind == "attn" else self.ffn)[layer_idx]
+        if out is not None:
+            scatter_rows_(store, rows.slots, out)
+        return store[:, :self.length]

@@ -11,8 +11,8 @@ current) whatever the prompt and generation lengths.
 from __future__ import annotations
 
 from lmeval_dllm.caches.prefix import PrefixCache
-from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.state import DecodeState
 
 
 class DualCache(PrefixCache):
@@ -21,6 +21,7 @@ class DualCache(PrefixCache):
     Args:
         refresh_interval: rerun the whole canvas every ``refresh_interval`` steps inside a block (the block's
             first step always does). None (default): only at block starts, as Fast-dLLM.
+        cuda_graphs: replay steps as CUDA graphs (an engine option, not the method's).
     """
 
     name = "dual"

@@ -7,7 +7,12 @@ the caches preallocate their K/V (and feature) storage per call and pass every p
 positions, query indices) as an argument, which :class:`StepGraphs` copies into the graph's own input buffers
 before each replay.
 
-On the CPU, or with ``enabled = False``, :meth:`StepGraphs.run` simply calls the function.
+On the CPU, or when built with ``enabled=False`` (``cuda_graphs=False`` of the cache), :meth:`StepGraphs.run`
+simply calls the function.
+
+Graphs are bounded: each holds its own activation memory (about 0.15 GiB per canvas shape at LLaDA-8B, batch 8),
+so a set that saw ``capacity`` shapes is dropped whole before the next capture, and the caches drop theirs when
+the batch shape changes (``Cache.setup``).
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ class StepGraphs:
     loop does: the sampler reads the logits before the next step).
     """
 
-    enabled: bool = True
-
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True, capacity: int = 64) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity}")
+        self.enabled, self.capacity = enabled, capacity
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
         self._pool = None
+        self.captures = 0  # graphs recorded since construction (for tests and benchmarks)
 
     def reset(self) -> None:
         """Drop every graph; call when storage is reallocated. Their pool is dropped too: once its last graph is
@@ -43,6 +50,11 @@ class StepGraphs:
         tensor."""
         self._graphs.clear()
         self._pool = None
+
+    def _admit(self) -> None:
+        """Before capturing a new graph: a set already at ``capacity`` is dropped whole (bounded memory)."""
+        if len(self._graphs) >= self.capacity:
+            self.reset()
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -60,6 +72,7 @@ class StepGraphs:
             graph.replay()
             return out
 
+        self._admit()
         # Warm up on a side stream (lazy library initialisation stays out of the capture): this eager run *is*
         # the step. Recording then executes nothing, so side effects (K/V writes) happen exactly once.
         current = torch.cuda.current_stream(device)
@@ -77,4 +90,5 @@ class StepGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             out = fn(*static)
         self._graphs[key] = (graph, static, out)
+        self.captures += 1
         return result

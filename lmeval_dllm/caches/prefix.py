@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache, ExtraRows, extended_mask, target_rows
+from lmeval_dllm.caches.base import Cache, extended_mask, target_rows
 from lmeval_dllm.caches.graphs import StepGraphs
-from lmeval_dllm.models.common import DiffusionLM
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
 
 class PrefixCache(Cache):
@@ -34,6 +34,7 @@ class PrefixCache(Cache):
     Args:
         refresh_interval: rerun the whole canvas every ``refresh_interval`` steps inside a block (the block's
             first step always does). None (default): only at block starts, as Fast-dLLM.
+        cuda_graphs: replay steps as CUDA graphs (an engine option, not the method's).
 
     Storage: K and V of shape `(n_layers, B, Hkv, T [+ E], Dh)`, allocated when the batch shape changes and
     reused (E extra slots appear when a strategy runs :class:`ExtraRows`).
@@ -43,16 +44,15 @@ class PrefixCache(Cache):
     keeps_cached_keys_on_resize = True  # the prefix lies left of every insertion point (DAEDAL inserts in-block)
     block_dependent_shapes = True  # the rows run shrink block by block: their graphs are dropped at block starts
 
-    def __init__(self, *, refresh_interval: Optional[int] = None):
-        super().__init__()
+    def __init__(self, *, refresh_interval: Optional[int] = None, cuda_graphs: bool = True):
+        super().__init__(cuda_graphs=cuda_graphs)
         if refresh_interval is not None and refresh_interval < 1:
             raise ValueError(f"refresh_interval must be an integer >= 1 (or None), got {refresh_interval}")
         self.refresh_interval = refresh_interval
         self.k: Optional[torch.Tensor] = None  # (n_layers, B, Hkv, S, Dh), S = T + extra slots
         self.v: Optional[torch.Tensor] = None
-        self.block_graphs = StepGraphs()  # graphs whose shapes change with the block (dropped at block starts)
-        self._write: Optional[torch.Tensor] = None  # (Q,) long: key slots of the rows being run
-        self._keys = 0  # key slots attended to in this forward
+        # graphs whose shapes change with the block (dropped at block starts)
+        self.block_graphs = StepGraphs(enabled=cuda_graphs)
         self._length = 0  # canvas length the stored K/V belong to
         self._stale = True  # nothing usable stored: the next step runs the whole canvas
 
@@ -109,7 +109,7 @@ class PrefixCache(Cache):
     # -- forward ------------------------------------------------------------------------------------------------
 
     def forward(self, model: DiffusionLM, state: DecodeState, targets: slice,
-                extra: Optional[ExtraRows] = None) -> torch.Tensor:
+                extra: Optional[ExtraRows] = None) -> StepLogits:
         B, T = state.x.shape
         E = 0 if extra is None else extra.count
         self._resize(model, state, E)
@@ -118,43 +118,44 @@ class PrefixCache(Cache):
         shift = model.logit_shift
         # Columns these rows predict; a strategy looking beyond them (logits_span="generation") gets zeros there.
         lo, hi = max(targets.start, q0 + shift), min(targets.stop, q1 + shift)
-        state.fresh = None
+        fresh = None
         if (lo, hi) != (targets.start, targets.stop):
-            state.fresh = torch.zeros(B, T, dtype=torch.bool, device=state.x.device)
-            state.fresh[:, lo:hi] = True
+            fresh = torch.zeros(B, T, dtype=torch.bool, device=state.x.device)
+            fresh[:, lo:hi] = True
         rows = target_rows(model, slice(lo, hi), q0, q1)
         device = state.x.device
         cols = torch.arange(q0, q1, device=device)
         index = torch.arange(rows.start, rows.stop, device=device)
         if extra is None:
-            ids, pos, write, keys = state.x[:, q0:q1], state.position_ids[:, q0:q1], cols, T
+            ids, pos, write = state.x[:, q0:q1], state.position_ids[:, q0:q1], cols
             mask = () if state.attention_mask is None else (state.attention_mask,)
         else:
             ids = torch.cat([state.x[:, q0:q1], extra.ids], dim=1)
             pos = torch.cat([state.position_ids[:, q0:q1], extra.position_ids], dim=1)
             write = torch.cat([cols, T + torch.arange(E, device=device)])
             index = torch.cat([index, (q1 - q0) + torch.arange(E, device=device)])
-            mask, keys = (extended_mask(state, extra, cols),), T + E
+            mask = (extended_mask(state, extra, cols),)
 
-        def run(ids, pos, write, index, *mask):
-            self._write, self._keys = write, keys
-            return model(ids, pos, mask[0] if mask else None, self, index)
+        def run(ids, pos, write, index, *mask):  # write (Q [+ E],): the key slot of each row run
+            return model(ids, pos, mask[0] if mask else None, self, index, input_pos=write)
 
         key = ("full" if full else "cached", B, T, q1 - q0, E, index.numel(), len(mask))
         graphs = self.graphs if full or not self.block_dependent_shapes else self.block_graphs
         logits = graphs.run(key, run, ids, pos, write, index, *mask)
         if full:
             self._stale = False
-        if state.fresh is None:
-            return logits
+        if fresh is None:
+            return StepLogits(logits)
         out = logits.new_zeros(B, targets.stop - targets.start + E, logits.shape[-1])
         out[:, lo - targets.start:hi - targets.start] = logits[:, :hi - lo]
         if E:
             out[:, -E:] = logits[:, hi - lo:]
-        return out
+        return StepLogits(out, fresh)
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, Hkv, Q, Dh) of the rows run -> stored at their slots; returns the stored (B, Hkv, keys, Dh)."""
-        self.k[layer_idx].index_copy_(2, self._write, k)
-        self.v[layer_idx].index_copy_(2, self._write, v)
-        return self.k[layer_idx, :, :, :self._keys], self.v[layer_idx, :, :, :self._keys]
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, Q, Dh) of the rows run -> stored at key slots ``input_pos`` (Q,); returns every stored
+        key and value (B, Hkv, T [+ E], Dh): the storage holds exactly the canvas and this step's extra rows."""
+        self.k[layer_idx].index_copy_(2, input_pos, k)
+        self.v[layer_idx].index_copy_(2, input_pos, v)
+        return self.k[layer_idx], self.v[layer_idx]

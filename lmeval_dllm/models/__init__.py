@@ -1,38 +1,57 @@
-"""Model families, keyed by the ``model_type`` of their config.json.
+"""Model families, each one registered :class:`~lmeval_dllm.models.family.Family` object.
 
-``load_model(pretrained)`` reads config.json itself (no ``trust_remote_code``), builds our compact module on the
-meta device and fills it from the official safetensors shards.
+``load_model(pretrained)`` reads config.json itself (no ``trust_remote_code``), finds the family whose
+architectures (or, for a config without any, ``model_type``) it names, builds our compact module on the meta
+device and fills it from the official safetensors shards.
+
+Adding a family: write ``models/<name>.py`` with its ``parse_config``, ``weight_names``, tiny checkpoint builder
+and ``FAMILY = Family(...)``, and add it to :data:`FAMILIES` below (docs/architecture.md).
 """
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Optional
 
 import torch
 
 from lmeval_dllm.models import dream, llada
-from lmeval_dllm.models.common import DiffusionLM, ModelArgs, load_weights, read_config, resolve_checkpoint_dir
+from lmeval_dllm.models.family import Family, TinyTokenizer
+from lmeval_dllm.models.loading import Slot, load_weights, read_config, resolve_checkpoint_dir
+from lmeval_dllm.models.transformer import DiffusionLM, LayerHooks, ModelArgs
 
-FAMILIES: dict[str, ModuleType] = {
-    llada.MODEL_TYPE: llada,  # GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5
-    dream.MODEL_TYPE: dream,  # Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B
+FAMILIES: dict[str, Family] = {
+    llada.FAMILY.name: llada.FAMILY,  # GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5
+    dream.FAMILY.name: dream.FAMILY,  # Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B
 }
 
 
-def family_of(config: dict, source: str = "config.json") -> ModuleType:
-    model_type = config.get("model_type")
-    family = FAMILIES.get(model_type) or {k.lower(): v for k, v in FAMILIES.items()}.get(str(model_type).lower())
-    if family is None:
-        raise ValueError(
-            f"unsupported model_type {model_type!r} in {source}; supported: "
-            "'llada' (LLaDA-8B-Base/Instruct, LLaDA-1.5), 'Dream' (Dream-v0-Base/Instruct-7B)"
-        )
-    return family
+def supported() -> str:
+    """One line per registered family, for error messages."""
+    return "; ".join(f.describe() for f in FAMILIES.values())
+
+
+def family_named(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; registered: {', '.join(FAMILIES)}") from None
+
+
+def family_for(config: dict, source: str = "config.json") -> Family:
+    """The registered family that reads this config.json (by architectures, else by model_type)."""
+    matches = [f for f in FAMILIES.values() if f.matches(config)]
+    if len(matches) == 1:
+        return matches[0]
+    what = f"model_type {config.get('model_type')!r}"
+    if config.get("architectures"):
+        what += f", architectures {config['architectures']}"
+    if not matches:
+        raise ValueError(f"unsupported checkpoint in {source} ({what}); supported: {supported()}")
+    raise ValueError(f"{source} ({what}) matches several families: {', '.join(f.name for f in matches)}")
 
 
 def parse_args(config: dict, source: str = "config.json") -> ModelArgs:
-    return family_of(config, source).parse_config(config)
+    return family_for(config, source).parse_config(config)
 
 
 def load_model(
@@ -41,17 +60,20 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     revision: Optional[str] = None,
+    fuse: bool = True,
 ) -> DiffusionLM:
-    """Load a LLaDA or Dream checkpoint (hub id or local directory) into our module, in eval mode."""
+    """Load a checkpoint of a registered family (hub id or local directory) into our module, in eval mode.
+    ``fuse``: fused elementwise CUDA kernels (``models/kernels.py``)."""
     directory = resolve_checkpoint_dir(pretrained, revision)
     config = read_config(directory)
-    family = family_of(config, f"{directory}/config.json")
+    family = family_for(config, f"{directory}/config.json")
     args = family.parse_config(config)
     with torch.device("meta"):
-        model = DiffusionLM(args)
+        model = DiffusionLM(args, fuse=fuse)
     load_weights(model, directory, family.weight_names(args), device=torch.device(device), dtype=dtype,
                  ignore=family.ignore)
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["DiffusionLM", "ModelArgs", "FAMILIES", "load_model", "parse_args"]
+__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "Slot", "TinyTokenizer", "family_for",
+           "family_named", "load_model", "parse_args", "read_config", "resolve_checkpoint_dir", "supported"]

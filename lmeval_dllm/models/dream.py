@@ -1,4 +1,4 @@
-"""Dream family (Dream-v0-Base-7B, Dream-v0-Instruct-7B): HF ``model_type`` "Dream".
+"""Dream family (Dream-v0-Base-7B, Dream-v0-Instruct-7B): HF ``model_type`` "Dream", architecture ``DreamModel``.
 
 Dream (Ye et al., "Dream 7B: Diffusion Large Language Models", arXiv:2508.15487) is initialised from Qwen2.5 and
 keeps its autoregressive alignment: output row i-1 carries the distribution of position i. ``logit_shift = 1``
@@ -8,9 +8,9 @@ Architecture and names follow the official ``modeling_dream.py`` (Qwen2: q/k/v b
 
 from __future__ import annotations
 
-from lmeval_dllm.models.common import ModelArgs, Slot
-
-MODEL_TYPE = "Dream"
+from lmeval_dllm.models.family import Family, TinyTokenizer
+from lmeval_dllm.models.loading import Slot
+from lmeval_dllm.models.transformer import ModelArgs
 
 
 def parse_config(cfg: dict) -> ModelArgs:
@@ -70,3 +70,47 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
 def ignore(name: str) -> bool:
     # Some Qwen2-derived exports carry the (recomputable) RoPE buffer.
     return name.endswith("rotary_emb.inv_freq")
+
+
+# Dream-v0-Instruct's chat template (Qwen2 style, default system prompt).
+DREAM_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_config(ids: dict[str, int], *, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False,
+                 rope_theta=1000000.0) -> dict:
+    """A config.json with the keys and values of Dream-org/Dream-v0-Instruct-7B, only smaller."""
+    return {
+        "architectures": ["DreamModel"], "attention_dropout": 0.0, "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"], "hidden_act": "silu", "hidden_size": hidden_size, "initializer_range": 0.02,
+        "intermediate_size": intermediate_size, "mask_token_id": ids["mask"], "max_position_embeddings": 131072,
+        "max_window_layers": num_hidden_layers, "model_type": "Dream", "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers, "num_key_value_heads": num_key_value_heads,
+        "pad_token_id": ids["pad"], "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": rope_theta,
+        "sliding_window": None, "tie_word_embeddings": tie_word_embeddings, "torch_dtype": "float32",
+        "use_cache": False, "use_sliding_window": False, "vocab_size": ((ids["vocab"] + 7) // 8) * 8,
+    }
+
+
+FAMILY = Family(
+    name="dream",
+    checkpoints="Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B",
+    model_types=("Dream",),
+    architectures=("DreamModel",),
+    parse_config=parse_config,
+    weight_names=weight_names,
+    likelihood="dream",  # DreamLM/Dream eval/eval.py, _eval_target_nll_mc
+    end_of_turn=("<|im_end|>",),
+    tiny_config=tiny_config,
+    tiny_tokenizer=TinyTokenizer(
+        specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"),
+        roles=dict(bos="<|endoftext|>", eos="<|endoftext|>", eot="<|im_end|>", mask="<|mask|>",
+                   pad="<|endoftext|>"),
+        chat_template=DREAM_CHAT_TEMPLATE,
+    ),
+    ignore=ignore,
+)

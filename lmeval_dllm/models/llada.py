@@ -1,4 +1,5 @@
-"""LLaDA family (LLaDA-8B-Base, LLaDA-8B-Instruct, LLaDA-1.5): HF ``model_type`` "llada".
+"""LLaDA family (LLaDA-8B-Base, LLaDA-8B-Instruct, LLaDA-1.5): HF ``model_type`` "llada", architecture
+``LLaDAModelLM``.
 
 LLaDA (Nie et al., "Large Language Diffusion Models", arXiv:2502.09992) is a mask predictor: output row i is the
 distribution of position i. Its checkpoints use OLMo-style names (``model.transformer.blocks.N.q_proj`` ...);
@@ -7,9 +8,9 @@ the official ``modeling_llada.py`` is read for the architecture, not imported (n
 
 from __future__ import annotations
 
-from lmeval_dllm.models.common import ModelArgs, Slot
-
-MODEL_TYPE = "llada"
+from lmeval_dllm.models.family import Family, TinyTokenizer
+from lmeval_dllm.models.loading import Slot
+from lmeval_dllm.models.transformer import ModelArgs
 
 # config.json values our module reproduces; anything else is an error naming the field.
 _REQUIRED = {
@@ -78,5 +79,52 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
     return names
 
 
-def ignore(name: str) -> bool:
-    return False
+# LLaDA-8B-Instruct's chat template (Llama-3 style, BOS before the first message, content trimmed).
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+
+def tiny_config(ids: dict[str, int], *, d_model=64, n_layers=2, n_heads=4, n_kv_heads=None, mlp_hidden_size=128,
+                 embedding_size=None, weight_tying=False, rope_theta=500000.0, max_sequence_length=4096) -> dict:
+    """A config.json with the keys and values of GSAI-ML/LLaDA-8B-Instruct, only smaller."""
+    vocab = ids["vocab"]
+    return {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": d_model,
+        "embedding_dropout": 0.0, "embedding_size": embedding_size or ((vocab + 7) // 8) * 8,
+        "eos_token_id": ids["eos"], "flash_attention": False, "include_bias": False, "include_qkv_bias": False,
+        "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False,
+        "layer_norm_type": "rms", "layer_norm_with_affine": True, "mask_token_id": ids["mask"],
+        "max_sequence_length": max_sequence_length, "mlp_hidden_size": mlp_hidden_size, "mlp_ratio": 4,
+        "model_type": "llada", "multi_query_attention": None, "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads or n_heads, "n_layers": n_layers, "pad_token_id": ids["pad"],
+        "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True,
+        "rope_full_precision": True, "rope_theta": rope_theta, "scale_logits": False, "use_cache": False,
+        "vocab_size": vocab, "weight_tying": weight_tying,
+    }
+
+
+FAMILY = Family(
+    name="llada",
+    checkpoints="GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5",
+    model_types=("llada",),
+    architectures=("LLaDAModelLM",),
+    parse_config=parse_config,
+    weight_names=weight_names,
+    likelihood="llada",  # ML-GSAI/LLaDA get_log_likelihood.py
+    end_of_turn=("<|eot_id|>",),
+    tiny_config=tiny_config,
+    tiny_tokenizer=TinyTokenizer(
+        specials=("<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|mdm_mask|>"),
+        roles=dict(bos="<|startoftext|>", eos="<|endoftext|>", eot="<|eot_id|>", mask="<|mdm_mask|>",
+                   pad="<|endoftext|>"),
+        chat_template=LLADA_CHAT_TEMPLATE,
+    ),
+)

@@ -9,7 +9,7 @@ from typing import Any
 
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
 from lmeval_dllm.samplers.ar import LeftToRightSampler
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+from lmeval_dllm.samplers.base import Sampler
 from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
 from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
 from lmeval_dllm.samplers.pc_sampler import PCSampler
@@ -17,6 +17,7 @@ from lmeval_dllm.samplers.daedal import DaedalSampler
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
 from lmeval_dllm.samplers.wino import WinoSampler
+from lmeval_dllm.state import DecodeState, StepOutput
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "vanilla": LowConfidenceSampler,  # LLaDA low-confidence remasking + Fast-dLLM threshold / factor

@@ -15,10 +15,11 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput
+from lmeval_dllm.samplers.base import Sampler
 from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior, check_sigma
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import check_threshold
+from lmeval_dllm.state import DecodeState, StepOutput
 
 
 def leading_run(candidates: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""What every sampler shares: the decode state, the step output, the selection primitives.
+"""What every sampler shares: the base class and the batched selection primitives (the decode state and the step
+output live in ``lmeval_dllm.state``).
 
 A sampler answers one question per step: *given the logits of the positions I look at, which masked positions
 do I commit, to which tokens (and, for revokable samplers, which do I re-mask)?* The loop in
@@ -9,117 +10,14 @@ Everything here is batched: no per-row Python loops and no host syncs, so a step
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 
+from lmeval_dllm.state import DecodeState, StepLogits, StepOutput
 
-@dataclass
-class DecodeState:
-    """The canvas and bookkeeping of one ``generate`` call (one batch of prompts).
-
-    Prompts are left-padded, so every row's generation region starts at the same column ``prompt_len``.
-    """
-
-    x: torch.Tensor  # (B, T) long: prompt (left-padded) + generation region, [MASK] where undecided
-    position_ids: torch.Tensor  # (B, T) long: RoPE positions (padding does not consume positions)
-    attention_mask: Optional[torch.Tensor]  # (B, T) bool key-padding mask, True = real; None if no padding
-    prompt_len: int  # P: first generation column
-    mask_token_id: int
-    stop_token_ids: torch.Tensor  # (S,) long: ids that end an answer (EOS, end-of-turn)
-    block: slice = field(default_factory=lambda: slice(0, 0))  # absolute columns of the current block
-    block_index: int = 0
-    step_in_block: int = 0  # forward passes already made in this block
-    active: Optional[torch.Tensor] = None  # (B,) bool: rows that decode in this step
-    decoded_at: Optional[torch.Tensor] = None  # (B, T) long: step at which a column was committed, -1 if not
-    step: int = 0  # forward passes made in this call
-    generator: Optional[torch.Generator] = None
-    sampler_state: dict[str, Any] = field(default_factory=dict)  # per-call memory of the sampler
-    # (B, T) bool: columns whose logits in this step are real predictions. A cache that recomputes only some
-    # positions (d2Cache) sets it; the others come back as zero logits and must not be committed. None = all.
-    fresh: Optional[torch.Tensor] = None
-    # (B,) long: each row's own generation length, for samplers that grow rows (DAEDAL); None = every row spans
-    # the whole canvas. Columns past a row's length hold a pad token and are hidden from attention.
-    gen_lengths: Optional[torch.Tensor] = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def gen_length(self) -> int:
-        return self.x.shape[1] - self.prompt_len
-
-    def candidates(self, span: slice) -> torch.Tensor:
-        """(B, len(span)) bool: masked positions of active rows inside ``span`` (the current block) whose
-        logits this step are real predictions (see ``fresh``)."""
-        cand = self.x[:, span] == self.mask_token_id
-        if self.fresh is not None:
-            cand = cand & self.fresh[:, span]
-        return cand if self.active is None else cand & self.active[:, None]
-
-    def insert(self, at: torch.Tensor, count: torch.Tensor, token_ids, *, pad_token_id: int,
-               max_length: Optional[int] = None) -> None:
-        """Insert ``count[b]`` copies of ``token_ids[b]`` before generation column ``at[b]`` of each row.
-
-        The structural edit behind variable-length decoding (DAEDAL): appending masks at a row's end
-        (``at`` = its length), or replacing one mask by several (insert before it). Everything from ``at`` on
-        shifts right; a row's new length is ``min(length + count, max_length)`` (what is pushed past
-        ``max_length`` is dropped). The canvas widens to the longest row; the columns past a row's length hold
-        ``pad_token_id`` (a stop token, so the answer ends there; never the mask, so never a candidate) and are
-        hidden from attention. Inserted columns are undecided for ``decoded_at`` (-1). RoPE positions of the
-        generation region are recomputed (they continue from the prompt), so a row sees exactly what it would
-        see alone.
-
-        Args:
-            at (`torch.LongTensor` of shape `(B,)`): generation column (0 = first generated position), at most
-                the row's length.
-            count (`torch.LongTensor` of shape `(B,)`): tokens inserted (0 leaves the row unchanged).
-            token_ids (`int` or `torch.LongTensor` of shape `(B,)`): the token inserted in each row.
-
-        One host sync (the new canvas width must be known to allocate it); nothing happens when every count is 0.
-        """
-        assert pad_token_id != self.mask_token_id, "the pad of short rows must not look like a mask"
-        P, dev = self.prompt_len, self.x.device
-        old = self.x[:, P:]  # (B, G)
-        B, G = old.shape
-        lengths = self.gen_lengths if self.gen_lengths is not None else torch.full((B,), G, device=dev)
-        new_lengths = lengths + count
-        if max_length is not None:
-            new_lengths = new_lengths.clamp(max=max_length)
-        most_inserted, longest = torch.stack([count.max(), new_lengths.max()]).tolist()  # the one host sync
-        if most_inserted == 0:
-            return
-        W = max(G, longest)
-        col = torch.arange(W, device=dev)[None, :]  # (1, W)
-        at, count = at[:, None], count[:, None]
-        inserted = (col >= at) & (col < at + count)  # (B, W)
-        inside = col < new_lengths[:, None]
-        src = torch.where(col < at, col, col - count).clamp(0, G - 1)  # old column shown at each new column
-        token_ids = torch.as_tensor(token_ids, device=dev).expand(B)[:, None]
-        gen = torch.where(inserted, token_ids, old.gather(1, src))
-        gen = torch.where(inside, gen, pad_token_id)
-        stamps = self.decoded_at[:, P:].gather(1, src).masked_fill(inserted | ~inside, -1)
-
-        prompt_keys = self.attention_mask[:, :P] if self.attention_mask is not None else \
-            torch.ones(B, P, dtype=torch.bool, device=dev)
-        self.x = torch.cat([self.x[:, :P], gen], dim=1)
-        self.decoded_at = torch.cat([self.decoded_at[:, :P], stamps], dim=1)
-        self.attention_mask = torch.cat([prompt_keys, inside], dim=1)
-        # positions continue from the prompt (padding consumes none), whatever the column count
-        self.position_ids = torch.cat([self.position_ids[:, :P], self.position_ids[:, P:P + 1] + col], dim=1)
-        self.gen_lengths = new_lengths
-        self.fresh = None  # this step's logits no longer match the columns
-
-
-@dataclass
-class StepOutput:
-    """A sampler's decision for the positions it was shown (the current block)."""
-
-    commit: torch.Tensor  # (B, L) bool: positions to fill now
-    tokens: torch.Tensor  # (B, L) long: the token for each committed position (ignored elsewhere)
-    remask: Optional[torch.Tensor] = None  # (B, L) bool: decoded positions to turn back into [MASK]
+if TYPE_CHECKING:
+    from lmeval_dllm.samplers.proposal import Proposal
 
 
 class Sampler:
@@ -131,8 +29,9 @@ class Sampler:
     - ``can_remask``: the sampler may turn decoded tokens back into masks (WINO).
     - ``logits_span``: "block" (logits of the current block) or "generation" (the whole generation region).
     - ``sizes_canvas``: the sampler chooses each row's generation length itself (DAEDAL): the loop starts from
-      its ``initial_gen_length`` instead of ``gen_length``, and :meth:`resize` may grow rows up to its
-      ``max_gen_length`` (both are then attributes of the sampler).
+      its ``initial_gen_length`` instead of ``gen_length``, and a step may return a :class:`CanvasEdit` in
+      ``StepOutput.edit`` that grows rows up to its ``max_gen_length`` (both are then attributes of the sampler);
+      the loop applies it after the step's commits.
     - ``cache_needs``: what the strategy asks of a cache beyond the usual forward (``lmeval_dllm.caches.FEATURES``):
       ``"extra_rows"`` (runs rows that are not part of the canvas, e.g. WINO's shadow block, through
       ``cache.forward(..., extra=ExtraRows(...))``), ``"resize"`` (changes the canvas length while decoding, e.g.
@@ -155,24 +54,29 @@ class Sampler:
     def begin_block(self, state: DecodeState) -> None:
         """Called at the start of every block."""
 
-    def forward(self, model, cache, state: DecodeState, span: slice) -> torch.Tensor:
-        """Logits (B, len(span), V) for this step. The default asks the cache (the usual forward pass); a
-        sampler that needs a different input (WINO's shadow block) overrides this."""
+    def forward(self, model, cache, state: DecodeState, span: slice) -> StepLogits:
+        """Logits (B, len(span), V) for this step, with the columns that are real predictions. The default asks
+        the cache (the usual forward pass); a sampler that needs a different input (WINO's shadow block)
+        overrides this."""
         return cache.forward(model, state, span)
 
     def step(self, logits: torch.Tensor, state: DecodeState) -> StepOutput:
         """Decide what to commit.
 
         Args:
-            logits (`torch.Tensor` of shape `(B, L, V)`, float32): distributions of the positions in the span
-                the sampler asked for (the current block by default); index i is column ``span.start + i``.
+            logits (`torch.Tensor` of shape `(B, L, V)`): distributions of the positions in the span the sampler
+                asked for (the current block by default); index i is column ``span.start + i``. float32 for
+                ``logits_span="block"``; in the model's dtype for ``"generation"`` (a sampler converts the rows
+                it reads: a (B, G, V) float copy of the whole region every step is most of a small model's step).
             state: the decode state (read only, except ``state.sampler_state``).
         """
         raise NotImplementedError
 
-    def resize(self, state: DecodeState) -> None:
-        """Called, for a ``sizes_canvas`` sampler only, after each step's decision is applied to the canvas; the
-        sampler changes the canvas structure here, through :meth:`DecodeState.insert`. Default: nothing."""
+    def step_budget(self, block_length: int) -> int:
+        """Most forward passes one block may take before the loop stops with an error (a guard against a
+        sampler or cache bug that never decodes the block). A sampler that commits at least one position per
+        step needs ``block_length``; the default leaves room for re-masking and fallbacks."""
+        return 4 * block_length + 16
 
     def validate_lengths(self, gen_length: Optional[int], block_length: int) -> None:
         """Raise ValueError if the strategy cannot run with these lengths (called before any model work).

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState
+from lmeval_dllm.state import DecodeState
 
 
 def check_sigma(sigma: Optional[float], confidence: str) -> None:

@@ -29,25 +29,31 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, top_k_mask
+from lmeval_dllm.samplers.base import Sampler, top_k_mask
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import check_threshold
+from lmeval_dllm.state import CanvasEdit, DecodeState, StepOutput
 
 
 def eos_confidence(logits: torch.Tensor, lengths: torch.Tensor, eos_token_id: int, last: int,
-                   fresh: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   fresh: Optional[torch.Tensor] = None, chunk: int = 256) -> torch.Tensor:
     """DAEDAL's sequence-completion signal (``_calculate_eos_confidence`` of the release).
 
-    logits (B, G, V) of the generation region, lengths (B,) -> (B,): the sum of p(EOS) over the rightmost
-    ``last`` positions (within the row's length) whose argmax is EOS, divided by ``last``. ``fresh`` (B, G):
-    the positions whose logits a cache recomputed this step (the others are placeholders and do not count).
+    logits (B, G, V) of the generation region (any float dtype), lengths (B,) -> (B,) float32: the sum of
+    p(EOS) over the rightmost ``last`` positions (within the row's length) whose argmax is EOS, divided by
+    ``last``. ``fresh`` (B, G): the positions whose logits a cache recomputed this step (the others are
+    placeholders and do not count). p(EOS) is computed in float32, ``chunk`` columns at a time, so a bfloat16
+    (B, G, V) region is never copied to float32 whole (at G = 2048 that copy alone would be 1 GiB per row).
     """
     G = logits.shape[1]
     inside = torch.arange(G, device=logits.device)[None, :] < lengths[:, None]
     if fresh is not None:
         inside = inside & fresh
-    is_eos = (logits.argmax(-1) == eos_token_id) & inside  # (B, G)
-    p_eos = (logits[..., eos_token_id] - torch.logsumexp(logits, dim=-1)).exp()
+    is_eos = (logits.argmax(-1) == eos_token_id) & inside  # (B, G); argmax is exact in any dtype
+    p_eos = torch.cat([
+        (c[..., eos_token_id].float() - torch.logsumexp(c.float(), dim=-1)).exp()
+        for c in logits.split(chunk, dim=1)
+    ], dim=1)
     from_right = is_eos.flip(-1).long().cumsum(-1).flip(-1)  # EOS predictions at or right of each position
     return torch.where(is_eos & (from_right <= last), p_eos, 0.0).sum(-1) / last
 
@@ -125,7 +131,11 @@ class DaedalSampler(Sampler):
         state.sampler_state.update(sized=torch.zeros(B, dtype=torch.bool, device=dev))
 
     def step(self, logits: torch.Tensor, state: DecodeState) -> StepOutput:
-        """logits (`(B, G, V)` float32): the whole generation region of the current canvas."""
+        """logits (`(B, G, V)`, the model's dtype): the whole generation region of the current canvas. Only the
+        block is converted to float32 (the EOS confidence reads the rest in chunks).
+
+        Returns the commits of the block and, in ``StepOutput.edit``, this step's structural change (stage-1
+        growth, the EOS tail, or one mask insertion per row), which the loop applies after the commits."""
         ss, P, mask_id, eos = state.sampler_state, state.prompt_len, state.mask_token_id, self.proposal.eos_token_id
         lengths, active, sized = state.gen_lengths, state.active, ss["sized"]
         fresh = state.fresh[:, P:] if state.fresh is not None else None
@@ -134,13 +144,13 @@ class DaedalSampler(Sampler):
 
         # Stage 1: rows still choosing their initial length commit nothing this step.
         sizing = active & ~sized
-        ss["grow"] = sizing & short & (eos_conf < self.initial_eot_expand_thres)
-        ss["sized_now"] = sizing & ~ss["grow"]
+        grow = sizing & short & (eos_conf < self.initial_eot_expand_thres)
+        sized_now = sizing & ~grow
 
         # Stage 2: threshold commits in the block, at least the most confident one that is not [MASK].
         decoding = active & sized
         bs, be = state.block.start - P, state.block.stop - P
-        block_logits = logits[:, bs:be]
+        block_logits = logits[:, bs:be].float()
         proposed = self.proposal(block_logits, state.generator)
         tokens = proposed.tokens
         conf = self._confidence(block_logits, tokens, proposed.confidence)
@@ -162,13 +172,34 @@ class DaedalSampler(Sampler):
         may_expand = decoding & short & (eos_conf < self.decode_eot_expand_thres)
         low = cand & ~commit & (conf < self.low_conf_expand_thres) & may_expand[:, None]
         point = top_k_mask(-conf, low, torch.ones_like(lengths))
-        ss["expand_at"] = torch.where(low.any(-1), bs + point.long().argmax(-1), -1)  # generation column or -1
+        expand_at = torch.where(low.any(-1), bs + point.long().argmax(-1), -1)  # generation column or -1
 
         G = logits.shape[1]
         full_commit = torch.zeros(commit.shape[0], G, dtype=torch.bool, device=commit.device)
         full_tokens = torch.full_like(full_commit, mask_id, dtype=torch.long)
         full_commit[:, bs:be], full_tokens[:, bs:be] = commit, tokens
-        return StepOutput(commit=full_commit, tokens=full_tokens)
+        ss["sized"] = sized | sized_now
+        return StepOutput(commit=full_commit, tokens=full_tokens,
+                          edit=self._edit(lengths, grow, sized_now, expand_at, mask_id))
+
+    def _edit(self, lengths, grow, sized_now, expand_at, mask_id: int) -> CanvasEdit:
+        """This step's change of each row: stage-1 growth (``expansion_factor`` masks at its end), the EOS tail
+        once it is sized (``num_check_last_eot // 2`` EOS at its end), or one mask becoming ``expansion_factor``
+        masks (``expansion_factor - 1`` inserted before it). All (B,)."""
+        E = self.expansion_factor
+        expanding = expand_at >= 0
+        at = torch.where(expanding, expand_at, lengths)  # stage 1 and the tail append at the row's end
+        count = torch.where(grow, E, torch.where(sized_now, self.num_check_last_eot // 2,
+                                                 torch.where(expanding, E - 1, 0)))
+        token_ids = torch.where(sized_now, self.proposal.eos_token_id, mask_id)
+        return CanvasEdit(at=at, count=count, token_ids=token_ids, pad_token_id=self.proposal.eos_token_id,
+                          max_length=self.max_gen_length)
+
+    def step_budget(self, block_length: int) -> int:
+        """Stage 1 takes up to ``(max_gen_length - initial_gen_length) / expansion_factor`` steps without a commit,
+        and every insertion adds masks to the block; a block commits at least one position per other step."""
+        growth = -(-(self.max_gen_length - self.initial_gen_length) // self.expansion_factor)
+        return growth + 2 * self.max_gen_length + 4 * block_length + 16
 
     def _confidence(self, logits: torch.Tensor, token_ids: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
         """LLaDA's confidence as the release rounds it: a float32 softmax, then the token's entry. Near 1,
@@ -179,16 +210,3 @@ class DaedalSampler(Sampler):
         if prop.confidence != "low_confidence" or prop.confidence_eos_eot_inf or prop.logits_eos_inf:
             return confidence
         return torch.softmax(logits, dim=-1).gather(-1, token_ids[..., None]).squeeze(-1)
-
-    def resize(self, state: DecodeState) -> None:
-        """Apply this step's structural change: stage-1 growth, the EOS tail, or one mask insertion per row."""
-        ss, E, mask_id = state.sampler_state, self.expansion_factor, state.mask_token_id
-        grow, sized_now, expand_at = ss["grow"], ss["sized_now"], ss["expand_at"]
-        expanding = expand_at >= 0
-        lengths = state.gen_lengths
-        at = torch.where(expanding, expand_at, lengths)  # stage 1 appends at the row's end
-        count = torch.where(grow, E, torch.where(sized_now, self.num_check_last_eot // 2,
-                                                 torch.where(expanding, E - 1, 0)))
-        token_ids = torch.where(sized_now, self.proposal.eos_token_id, mask_id)
-        ss["sized"] = ss["sized"] | sized_now
-        state.insert(at, count, token_ids, pad_token_id=self.proposal.eos_token_id, max_length=self.max_gen_length)

@@ -19,9 +19,10 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, top_k_mask
+from lmeval_dllm.samplers.base import Sampler, top_k_mask
 from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior, check_sigma
 from lmeval_dllm.samplers.proposal import Proposal
+from lmeval_dllm.state import DecodeState, StepOutput
 
 
 def entropy_bound_count(scores: torch.Tensor, entropy: torch.Tensor, candidates: torch.Tensor,

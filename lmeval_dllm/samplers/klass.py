@@ -26,10 +26,11 @@ from typing import ClassVar, Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState, StepOutput, top_k_mask
+from lmeval_dllm.samplers.base import top_k_mask
 from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler, check_threshold
+from lmeval_dllm.state import DecodeState, StepOutput
 
 KL_EPS = 1e-12  # the release's epsilon inside both logs
 
@@ -105,7 +106,8 @@ class KLAdaptiveStabilitySampler(LowConfidenceSampler):
         mem = state.sampler_state
         B, G, _ = logits.shape
         start, L = state.block.start - state.prompt_len, state.block.stop - state.block.start
-        proposed = self.proposal(logits[:, start:start + 2 * L], state.generator, need_probs=True,
+        # The loop hands over the generation region in the model's dtype: only the rows read here are converted.
+        proposed = self.proposal(logits[:, start:start + 2 * L].float(), state.generator, need_probs=True,
                                  dtype=self.confidence_dtype)  # block + next
         probs = proposed.probs.to(self.distribution_dtype)  # (B, W, V)
         prev = mem.get("p_prev")

@@ -25,10 +25,10 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState
 from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior
 from lmeval_dllm.samplers.proposal import Proposal, Proposed
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
+from lmeval_dllm.state import DecodeState
 
 LOG_EPS = 1e-9  # PC-Sampler's epsilon inside the log
 

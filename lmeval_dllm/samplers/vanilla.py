@@ -23,9 +23,10 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, factor_count, threshold_mask, top_k_mask
+from lmeval_dllm.samplers.base import Sampler, factor_count, threshold_mask, top_k_mask
 from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior, check_sigma
 from lmeval_dllm.samplers.proposal import Proposal, Proposed
+from lmeval_dllm.state import DecodeState, StepOutput
 
 
 def linear_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:

@@ -33,17 +33,15 @@ deeper layers still carry column s+i through the other tokens.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
-from lmeval_dllm.samplers.base import DecodeState, Sampler, StepOutput, top_k_mask
+from lmeval_dllm.samplers.base import Sampler, top_k_mask
 from lmeval_dllm.samplers.certainty_prior import apply_certainty_prior, check_sigma
 from lmeval_dllm.samplers.proposal import Proposal
 from lmeval_dllm.samplers.vanilla import check_threshold
-
-if TYPE_CHECKING:
-    from lmeval_dllm.caches.base import ExtraRows
+from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 
 # Constants of the release (decoding_wino): accept cap clamp(floor(0.7 m), 5, 20); a_prev before a block's first
 # step. floor(0.7 m) is computed exactly as m * 7 // 10 (equal to the release's float product wherever the clamp
@@ -65,8 +63,6 @@ def shadow_rows(x: torch.Tensor, position_ids: torch.Tensor, key_mask: Optional[
         :class:`ExtraRows` of E = L (LLaDA) or 2L (Dream) rows; the last L are the leave-one-out predictors of
         the block's columns, in order. ``sees`` (B, E, T + E): canvas keys first, then extra keys.
     """
-    from lmeval_dllm.caches.base import ExtraRows  # here: lmeval_dllm.caches imports the samplers' base
-
     B, T = x.shape
     s, L = block.start, block.stop - block.start
     dev = x.device
@@ -160,13 +156,15 @@ class WinoSampler(Sampler):
             source[..., [i for i in (prop.eos_token_id, prop.eot_token_id) if i is not None]] = float("-inf")
         return token_probability(source, token_ids)
 
-    def forward(self, model, cache, state: DecodeState, span: slice) -> torch.Tensor:
+    def forward(self, model, cache, state: DecodeState, span: slice) -> StepLogits:
         """(B, 2L, V): the block's ordinary distributions, then its leave-one-out ones."""
         extra = shadow_rows(state.x, state.position_ids, state.attention_mask, span, state.mask_token_id,
                             model.logit_shift)
-        logits = cache.forward(model, state, span, extra=extra)  # (B, L + E, V): block, then the extra rows
-        L = span.stop - span.start
-        return logits if extra.count == L else torch.cat([logits[:, :L], logits[:, -L:]], dim=1)
+        out = cache.forward(model, state, span, extra=extra)  # (B, L + E, V): block, then the extra rows
+        L, logits = span.stop - span.start, out.logits
+        if extra.count != L:
+            logits = torch.cat([logits[:, :L], logits[:, -L:]], dim=1)
+        return StepLogits(logits, out.fresh)
 
     def step(self, logits: torch.Tensor, state: DecodeState) -> StepOutput:
         """logits (`(B, 2L, V)` float32): :meth:`forward`'s output for the current block."""

@@ -12,7 +12,7 @@ from caches_support import PROMPTS, decode, left_pad, tiny
 
 import lmeval_dllm.caches.d2cache as d2
 from lmeval_dllm.caches import build_cache
-from lmeval_dllm.samplers.base import DecodeState, StepOutput
+from lmeval_dllm.state import DecodeState, StepOutput
 
 
 def test_density_matches_the_closed_form():
@@ -170,7 +170,7 @@ def test_only_recomputed_columns_are_fresh_and_committed(tiny_dir):
             run = before & state.active[:, None]
             expected = torch.zeros_like(run)
             expected[:, state.prompt_len:] = run[:, state.prompt_len - shift:run.shape[1] - shift]
-            assert torch.equal(state.fresh, expected)
+            assert torch.equal(out.fresh, expected)
             checked.append(state.step)
         return out
 

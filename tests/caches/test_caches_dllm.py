@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from caches_support import PROMPTS, decode_logged, left_pad, tiny
 
 from lmeval_dllm.caches.base import Cache, target_rows
+from lmeval_dllm.state import StepLogits
 
 
 class DenseDLLM(Cache):
@@ -61,7 +62,7 @@ class DenseDLLM(Cache):
             h = h + ffn
             c.update(k=k_used, v=v_used, attn=attn, ffn=ffn)
         self.n += 1
-        return model.head(h[:, target_rows(model, targets, 0, T)])
+        return StepLogits(model.head(h[:, target_rows(model, targets, 0, T)]))
 
 
 @pytest.mark.parametrize("kp, kr, rou", [(3, 2, 0.25), (4, 3, 0.5), (2, 5, 0.0)])

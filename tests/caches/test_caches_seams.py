@@ -10,6 +10,7 @@ import torch
 from caches_support import PROMPTS, decode, left_pad, tiny
 
 from lmeval_dllm.caches import CACHES, ExtraRows, build_cache, check_compatible
+from lmeval_dllm.state import StepLogits
 from lmeval_dllm.samplers import SAMPLERS
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
 
@@ -30,9 +31,9 @@ class ShadowSampler(LowConfidenceSampler):
         sees[:, torch.arange(L), span.start + torch.arange(L)] = False
         extra = ExtraRows(ids=torch.full((B, L), state.mask_token_id), position_ids=state.position_ids[:, span],
                           sees=sees)
-        logits = cache.forward(model, state, span, extra=extra)
-        state.sampler_state.setdefault("shadow", []).append(logits[:, L:].clone())
-        return logits[:, :L]
+        out = cache.forward(model, state, span, extra=extra)
+        state.sampler_state.setdefault("shadow", []).append(out.logits[:, L:].clone())
+        return StepLogits(out.logits[:, :L], out.fresh)
 
 
 class GrowingSampler(LowConfidenceSampler):
@@ -149,7 +150,7 @@ def test_extra_rows_through_prefix_and_dual(llada_dir, name):
 def test_a_growing_canvas(llada_dir, name, keeps):
     """Two masks inserted in the current block: the prefix cache keeps the K/V left of the block and reruns the
     (longer) block and suffix; the dual cache, whose cached suffix keys moved, reruns everything."""
-    from lmeval_dllm.samplers.base import DecodeState
+    from lmeval_dllm.state import DecodeState
 
     model, tok = tiny(llada_dir)
     enc, _, _ = left_pad(tok, PROMPTS[:1])
@@ -168,7 +169,7 @@ def test_a_growing_canvas(llada_dir, name, keeps):
         state.x = torch.cat([x[:, :P + 10], torch.full((1, 2), model.mask_token_id), x[:, P + 10:]], 1)
         state.position_ids = torch.arange(P + G + 2)[None]
         state.block, state.step_in_block = slice(P + 8, P + 18), 1
-        logits = cache.forward(model, state, state.block)
+        logits = cache.forward(model, state, state.block).logits
     finally:
         hook.remove()
     assert logits.shape == (1, 10, model.args.vocab_size)

@@ -1,13 +1,15 @@
-"""Running a different set of canvas rows for each batch row, with static shapes.
+"""Running a different set of rows for each batch row, with static shapes.
 
-dLLM-Cache and d2Cache recompute, per batch row, a set of positions whose size differs between rows. To keep one
-tensor shape per step (no per-row Python, capturable by CUDA graphs) every row runs ``M`` = the largest set size:
-``index`` (B, M) lists the positions run, and ``real`` (B, M) says which of them count. The others ("dummies") are
-computed and thrown away: their writes go to a trash slot at index T of every (B, T + 1, ...) store, so a row's
-results never depend on the rows batched with it.
+A cache that recomputes, per batch row, a set of positions whose size differs between rows (dLLM-Cache, d2Cache)
+keeps one tensor shape per step (no per-row Python, capturable by CUDA graphs) by running ``M`` = the largest
+set size for every row: ``index`` (B, M) lists the positions run, and ``real`` (B, M) says which of them count.
+The others ("dummies") are computed and thrown away: their writes go to a trash slot at index T of every
+(B, T + 1, ...) store, so a row's results never depend on the rows batched with it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -43,3 +45,22 @@ def rank_ascending(values: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order))
     return rank
+
+
+@dataclass(frozen=True)
+class RowSubset:
+    """The rows of the residual stream (B, T, D) one layer recomputes: ``index`` (B, M) positions, of which
+    ``real`` (B, M) count; the dummies write to slot ``trash`` (= T) of the cache's (B, T + 1, ...) stores."""
+
+    index: torch.Tensor  # (B, M) long
+    real: torch.Tensor  # (B, M) bool
+    trash: int
+
+    @property
+    def count(self) -> int:
+        return self.index.shape[1]
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """(B, M) long: where each row's outputs are stored (its position, or the trash slot)."""
+        return store_index(self.index, self.real, self.trash)

@@ -1,0 +1,128 @@
+"""The elementwise stages of the transformer, each written once, and their fused CUDA versions.
+
+On the CPU they run as written (bit-identical to the released models); on CUDA each becomes one fused kernel
+(``torch.compile``) unless the model was built with ``fuse=False``. Unfused, a decode step at batch 1 is ~1500
+kernel launches, two thirds of them these few-microsecond elementwise ops, and at large batch their extra passes
+over memory cost as much as a third of the step (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, cast back before the affine weight, as both families' HF code does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_fp32(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """LLaDA (rope_full_precision): rotate q and k in float32, cast back. cos/sin (B, 1, Q, Dh) float32."""
+    q32, k32 = q.float(), k.float()
+    return (q32 * cos + rotate_half(q32) * sin).to(q.dtype), (k32 * cos + rotate_half(k32) * sin).to(k.dtype)
+
+
+def rope_native(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Dream / HF Qwen2: cos/sin cast to the model dtype first, rotation in the model dtype."""
+    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[gate; up] (..., 2I) -> silu(gate) * up (..., I)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _row_dims(fn: Callable, x: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of an argument of ``fn`` that change from step to step: batch and rows (the rows a cache
+    runs vary by step and block). Hidden sizes and heads are fixed per model."""
+    if fn in (rope_fp32, rope_native) and x.dim() == 4:  # q, k (B, H, Q, Dh); cos, sin (B, 1, Q, Dh)
+        return (0, 2)
+    return tuple(range(x.dim() - 1))  # (..., features)
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compilation raises: dynamo's and inductor's own errors (backend failures are wrapped in
+    them), and a missing compiler toolchain. Anything else (CUDA out of memory above all) is a real error of
+    the step and must reach the caller: the OOM batch split in ``lm.py`` depends on seeing it."""
+    errors: list[type[BaseException]] = [ImportError]
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errors.append(TorchDynamoException)
+    except ImportError:  # pragma: no cover - torch builds without dynamo
+        pass
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return tuple(errors)
+
+
+class _Fused:
+    """``fn`` compiled into fused kernels; the plain function again, with one warning, if compilation fails on
+    this machine. Only compilation errors turn fusion off; out-of-memory and every other error is re-raised.
+
+    Only the batch and row sizes are compiled as symbols (one compilation serves every step shape); feature
+    sizes stay constants. Fully symbolic shapes cost 2-3x on an H100 at LLaDA-8B's sizes (batch 1, 512 rows:
+    RoPE 18 -> 7 us, SwiGLU 24 -> 9 us, RMSNorm 5.7 -> 2.9 us per call; docs/performance.md)."""
+
+    def __init__(self, fn: Callable):
+        import torch._dynamo
+
+        # One compilation per dtype, per batch of 1 or more, per eps constant: more than dynamo's default of 8.
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        self.fn, self.compiled, self.failed = fn, torch.compile(fn, dynamic=False, fullgraph=True), False
+        self._mark_dynamic = torch._dynamo.maybe_mark_dynamic
+        self._errors = _compile_errors()
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.dim() > 1:
+                        for d in _row_dims(self.fn, a):
+                            self._mark_dynamic(a, d)  # size 1 stays a constant (dynamo's rule)
+                return self.compiled(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except self._errors as e:  # fall back to the identical unfused computation
+                if "out of memory" in str(e).lower():
+                    raise
+                warnings.warn(f"fusing {self.fn.__name__} failed ({type(e).__name__}: {e}); running it unfused")
+                self.failed = True
+        return self.fn(*args)
+
+
+_FUSED: dict[Callable, _Fused] = {}
+
+
+def kernel(fn: Callable, x: torch.Tensor, fuse: bool = True) -> Callable:
+    """The version of elementwise stage ``fn`` to run on ``x``'s device: fused on CUDA when ``fuse``, the plain
+    function otherwise. Compilations are shared by every model of the process (they depend only on ``fn``)."""
+    if not (fuse and x.is_cuda):
+        return fn
+    if fn not in _FUSED:
+        _FUSED[fn] = _Fused(fn)
+    return _FUSED[fn]
+
+
+def fused_status() -> dict[str, bool]:
+    """{stage name: fused} for every stage compiled so far in this process (False = fell back to unfused)."""
+    return {fn.__name__: not f.failed for fn, f in _FUSED.items()}

@@ -1,0 +1,129 @@
+"""Loading an official checkpoint into our module: where each official tensor goes, and the loader that checks
+every name and shape.
+
+A family file (``llada.py``, ``dream.py``) says where each official weight goes (:class:`Slot`); the loader
+reads the safetensors shards (sharded or not), checks every name and shape against what config.json implies,
+fuses the pieces (q/k/v, gate/up) and assigns them to a module built on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from lmeval_dllm.models.transformer import DiffusionLM
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where an official weight goes: our parameter name, and its slice along dim 0 when fused."""
+
+    name: str
+    part: int = 0  # index among the tensors concatenated (dim 0) into `name`
+    parts: int = 1
+    rows: int = 0  # rows of this piece when fused (parts > 1)
+
+
+def resolve_checkpoint_dir(pretrained: str, revision: Optional[str] = None) -> str:
+    """A local directory as is; otherwise a hub id, fetched (config, weights) into the HF cache."""
+    if os.path.isdir(pretrained):
+        return pretrained
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(pretrained, revision=revision, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
+        raise OSError(
+            f"pretrained={pretrained!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(e).__name__}: {e}). Give a local checkpoint directory (config.json + *.safetensors) "
+            f"or check the id and your network / HF_HUB_OFFLINE setting."
+        ) from e
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {directory!r}: not a Hugging Face checkpoint directory")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory!r} (only safetensors checkpoints load)")
+    return [os.path.join(directory, n) for n in files]
+
+
+def load_weights(
+    model: "DiffusionLM",
+    directory: str,
+    weight_names: dict[str, Slot],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    ignore: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Load an official checkpoint into ``model`` (built on the meta device), checking every name and shape.
+
+    ``weight_names`` maps every official tensor name to the :class:`Slot` it fills. A tensor in the files that
+    is not in the map (and not ``ignore``-d), a name of the map missing from the files, or a shape that differs
+    from what config.json implies is an error naming the official key.
+    """
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    seen: set[str] = set()
+    for path in _safetensors_files(directory):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                slot = weight_names.get(key)
+                if slot is None:
+                    if ignore(key):
+                        continue
+                    raise ValueError(
+                        f"unexpected weight {key!r} in {os.path.basename(path)}: not part of the "
+                        f"{model.args.family} architecture that config.json describes"
+                    )
+                tensor = f.get_tensor(key).to(dtype)
+                expected = _part_shape(params[slot.name], slot)
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"weight {key!r} has shape {tuple(tensor.shape)}, but config.json implies {expected}"
+                    )
+                pieces.setdefault(slot.name, {})[slot.part] = tensor
+                seen.add(key)
+    missing = [k for k in weight_names if k not in seen]
+    if missing:
+        raise ValueError(
+            f"missing weight {missing[0]!r} in {directory!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    state = {}
+    for name in params:  # named_parameters() lists a tied LM head once, under tok_embeddings
+        parts = pieces[name]
+        state[name] = parts[0] if len(parts) == 1 else torch.cat([parts[i] for i in range(len(parts))], dim=0)
+    if model.args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if model.args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.init_buffers(device)
+
+
+def _part_shape(param: torch.Tensor, slot: Slot) -> tuple[int, ...]:
+    """Shape of one piece of a (possibly fused) parameter. Fused pieces are given by their row counts."""
+    if slot.parts == 1:
+        return tuple(param.shape)
+    return (slot.rows,) + tuple(param.shape[1:])

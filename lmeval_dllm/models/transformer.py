@@ -1,0 +1,319 @@
+"""The transformer every model family shares, and the seam every cache meets it through.
+
+LLaDA (arXiv:2502.09992) and Dream (arXiv:2508.15487) are both pre-norm Llama-style transformers with RMSNorm,
+RoPE, SwiGLU and *bidirectional* attention; they differ in weight names, q/k/v bias, RoPE precision and in
+which output row predicts which position (Dream is "adapted from AR": row i predicts position i+1). A family
+file (``llada.py``, ``dream.py``) reads ``config.json`` into :class:`ModelArgs` and names the weights; the layer
+loop, the residual structure and the head live here, written once.
+
+Caches meet the model only through :class:`LayerHooks`, called by each layer (gpt-fast's ``KVCache`` verbs,
+grown by what the approximate caches need):
+
+- ``update(layer_idx, input_pos, k, v)``: store the fresh K/V of the rows being run at key slots ``input_pos``
+  (given to :meth:`DiffusionLM.forward` explicitly) and return the K/V to attend to;
+- ``layer_rows(layer_idx, layer, h)``: which rows of the residual stream this layer recomputes (a
+  :class:`~lmeval_dllm.models.rows.RowSubset`; None = all), and ``reuse(layer_idx, kind, rows, out)``: the
+  attention / FFN output to add to the stream, stored outputs for the rows not recomputed (dLLM-Cache);
+- ``observe_attention(layer_idx, q, k)``: the queries and the keys attended to, for a cache that reads attention
+  scores (d2Cache's rollout), when it sets ``needs_attention``.
+
+The model never asks which cache it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmeval_dllm.models.kernels import kernel, rms_norm, rope_fp32, rope_native, swiglu
+from lmeval_dllm.models.rows import RowSubset, gather_rope, gather_rows
+
+# SDPA grew native grouped-query attention in torch 2.5; before that we expand K/V ourselves.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    family: str  # the registered family's name ("llada", "dream"; lmeval_dllm.models.FAMILIES)
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    vocab_size: int  # rows of the LM head (LLaDA: embedding_size, padded past the tokenizer's vocabulary)
+    rope_theta: float
+    norm_eps: float
+    qkv_bias: bool
+    rope_fp32: bool  # LLaDA rotates q/k in float32 (rope_full_precision); Dream in the model dtype (HF Qwen2)
+    tie_embeddings: bool
+    max_position: int
+    mask_token_id: int
+    eos_token_id: Optional[int]
+    pad_token_id: Optional[int]
+    logit_shift: int  # 0: row i predicts position i (LLaDA); 1: row i-1 predicts position i (Dream)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class LayerHooks:
+    """What a layer asks of a cache (see the module docstring). The defaults are those of no cache: attend to
+    the rows' own K/V, recompute every row, read no attention scores."""
+
+    needs_attention: bool = False  # call observe_attention in every layer
+
+    def update(self, layer_idx: int, input_pos: Optional[torch.Tensor], k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, Q, Dh) of the rows run, to be stored at key slots ``input_pos`` ((Q,) or (B, Q) long);
+        returns the K/V (B, Hkv, S, Dh) to attend to."""
+        return k, v
+
+    def layer_rows(self, layer_idx: int, layer: "Block", h: torch.Tensor) -> Optional[RowSubset]:
+        """The rows of ``h`` (B, T, D) that layer ``layer_idx`` recomputes; None = every row."""
+        return None
+
+    def reuse(self, layer_idx: int, kind: str, rows: RowSubset, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """With a row subset: what to add to the stream (B, T, D) after the attention (``kind="attn"``) or the
+        FFN (``"mlp"``), given the fresh outputs ``out`` (B, M, D) of ``rows`` (None when no row runs)."""
+        raise NotImplementedError("a cache that returns rows from layer_rows must implement reuse")
+
+    def observe_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """q (B, Hq, Q, Dh) of the rows run and the keys k (B, Hkv, S, Dh) they attend to."""
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the affine weight, as both families' HF code does."""
+
+    def __init__(self, dim: int, eps: float, fuse: bool = True):
+        super().__init__()
+        self.eps, self.fuse = eps, fuse
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernel(rms_norm, x, self.fuse)(x, self.weight, self.eps)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer: ``h + Attn(norm(h))`` then ``h + MLP(norm(h))``.
+
+    q/k/v and gate/up projections are fused on load (``wqkv``, ``w13``): one matmul instead of three/two.
+    """
+
+    def __init__(self, args: ModelArgs, layer_idx: int, fuse: bool = True):
+        super().__init__()
+        self.layer_idx, self.fuse = layer_idx, fuse
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.rope_fp32 = args.rope_fp32
+        q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.qkv_split = (q_dim, kv_dim, kv_dim)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps, fuse)
+        self.wqkv = nn.Linear(args.dim, q_dim + 2 * kv_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(q_dim, args.dim, bias=False)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps, fuse)
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # [gate; up]
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h (B, Q, D) -> q (B, Hq, Q, Dh), k and v (B, Hkv, Q, Dh); RoPE applied to q and k."""
+        B, Q, _ = h.shape
+        q, k, v = self.wqkv(self.attn_norm(h)).split(self.qkv_split, dim=-1)
+        q = q.view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        rope = rope_fp32 if self.rope_fp32 else rope_native  # LLaDA rotates in float32, Dream in the model dtype
+        q, k = kernel(rope, q, self.fuse)(q, k, cos, sin)
+        return q, k, v
+
+    def values(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, Q, D) -> v (B, Hkv, Q, Dh): the value projection alone, a third of ``qkv``'s cost for LLaDA
+        (dLLM-Cache compares fresh and cached values to choose the rows it recomputes)."""
+        B, Q, _ = h.shape
+        start = self.qkv_split[0] + self.qkv_split[1]
+        bias = None if self.wqkv.bias is None else self.wqkv.bias[start:]
+        v = F.linear(self.attn_norm(h), self.wqkv.weight[start:], bias)
+        return v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]):
+        """q (B, Hq, Q, Dh) over k, v (B, Hkv, T, Dh); attn_mask (B, 1, 1|Q, T) bool, True = attend.
+
+        Bidirectional (no causal mask). Returns the output projection (B, Q, D).
+        """
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_HAS_GQA:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+            else:
+                rep = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        B, _, Q, _ = q.shape
+        return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input. (B, Q, D) -> (B, Q, D)."""
+        gate_up = self.w13(self.mlp_norm(h))
+        return self.w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                cache: Optional[LayerHooks] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h (B, Q, D) -> (B, Q, D). With a cache, K/V go through ``cache.update`` at ``input_pos``; a cache that
+        returns a row subset for this layer gets only those rows recomputed (their K/V at the subset's slots)
+        and supplies the outputs of the others (``cache.reuse``)."""
+        i = self.layer_idx
+        rows = None if cache is None else cache.layer_rows(i, self, h)
+        if rows is None:
+            q, k, v = self.qkv(h, cos, sin)
+            if cache is not None:
+                k, v = cache.update(i, input_pos, k, v)
+                if cache.needs_attention:
+                    cache.observe_attention(i, q, k)
+            h = h + self.attend(q, k, v, attn_mask)
+            return h + self.mlp(h)
+        attn = None
+        if rows.count:
+            index = rows.index
+            q, k, v = self.qkv(gather_rows(h, index), gather_rope(cos, index), gather_rope(sin, index))
+            k, v = cache.update(i, rows.slots, k, v)
+            if cache.needs_attention:
+                cache.observe_attention(i, q, k)
+            attn = self.attend(q, k, v, attn_mask)
+        h = h + cache.reuse(i, "attn", rows, attn)
+        ffn = self.mlp(gather_rows(h, rows.index)) if rows.count else None
+        return h + cache.reuse(i, "mlp", rows, ffn)
+
+
+class DiffusionLM(nn.Module):
+    """A masked-diffusion LM: token ids in, logits per position out, bidirectional attention.
+
+    ``predict`` is what the decode loop calls: it takes the canvas rows that are run and the *target* columns
+    whose token distributions the sampler needs, and hides the family's logit shift, so samplers always see
+    "logits of position i" at index i.
+
+    Args:
+        args: the architecture (from the family's ``parse_config``).
+        fuse: run the elementwise stages as fused CUDA kernels (``models/kernels.py``); no effect on the CPU.
+    """
+
+    def __init__(self, args: ModelArgs, *, fuse: bool = True):
+        super().__init__()
+        self.args, self.fuse = args, fuse
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i, fuse) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, fuse)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device) -> torch.Tensor:
+        a = self.args
+        return 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32, device=device) / a.head_dim))
+
+    def init_buffers(self, device) -> None:
+        """Recompute non-persistent buffers after building on the meta device and loading weights."""
+        self.inv_freq = self._inv_freq(device)
+
+    @property
+    def logit_shift(self) -> int:
+        return self.args.logit_shift
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.args.mask_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def rope(self, position_ids: torch.Tensor):
+        """position_ids (B, Q) -> cos, sin (B, 1, Q, Dh) in float32."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, Q, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, Q, Dh)
+        return emb.cos(), emb.sin()
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head. h (B, K, D) -> logits (B, K, V) in the model dtype."""
+        return self.output(self.norm(h))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerHooks] = None,
+        logits_index: Optional[slice | torch.Tensor] = None,
+        *,
+        input_pos: Optional[torch.Tensor] = None,
+        rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        hidden: bool = False,
+    ) -> torch.Tensor:
+        """Run rows through the stack.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, Q)`): the rows to run (the whole canvas, or the subset
+                a cache recomputes).
+            position_ids (`torch.LongTensor` of shape `(B, Q)`): RoPE positions of those rows (None if ``rope``
+                is given).
+            attention_mask (`torch.BoolTensor`, *optional*): True = may attend. Either a key-padding mask
+                `(B, T)` over the keys attended to (T = Q without a cache, the full canvas with one), or a full
+                mask `(B, 1, Q, T)` for structured attention (e.g. WINO's leave-one-out shadow block).
+            cache: the cache's :class:`LayerHooks`; None = the rows attend to their own K/V only.
+            logits_index: which of the Q rows get logits (a slice, or a `(K,)` LongTensor of row indices); all
+                when None. The LM head is the largest matmul of a step (126k x 4096 for LLaDA), so it only runs
+                where a sampler looks.
+            input_pos (`torch.LongTensor` of shape `(Q,)` or `(B, Q)`, *optional*): the key slots the rows' K/V
+                are written to (``cache.update``).
+            rope: precomputed ``(cos, sin)`` of ``position_ids`` (`(B, 1, Q, Dh)` float32, :meth:`rope`), for a
+                cache that keeps the table of its canvas.
+            hidden: return the final hidden states (B, K, D) before the norm and head instead of logits (a
+                cache that runs the head in chunks).
+
+        Returns:
+            logits (`torch.Tensor` of shape `(B, K, V)`), K = rows selected by ``logits_index``.
+        """
+        h = self.tok_embeddings(input_ids)  # (B, Q, D)
+        cos, sin = rope if rope is not None else self.rope(position_ids)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2:
+            mask = mask[:, None, None, :]  # (B, 1, 1, T)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, input_pos)
+        if logits_index is not None:
+            h = h[:, logits_index]
+        return h if hidden else self.head(h)
+
+    def predict(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        targets: slice,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[LayerHooks] = None,
+        query_start: int = 0,
+    ) -> torch.Tensor:
+        """Logits for the canvas columns ``targets``, aligned so that index i is the distribution of column
+        ``targets.start + i``.
+
+        ``input_ids`` holds canvas columns ``[query_start, query_start + Q)``. Dream reads column t from row
+        t - 1, so for Dream those rows must include ``targets.start - 1`` (the caches account for this).
+        """
+        start = targets.start - self.logit_shift - query_start
+        stop = targets.stop - self.logit_shift - query_start
+        if start < 0 or stop > input_ids.shape[1]:
+            raise ValueError(
+                f"targets [{targets.start}, {targets.stop}) need rows [{start + query_start}, {stop + query_start}) "
+                f"but rows [{query_start}, {query_start + input_ids.shape[1]}) were given"
+                + (" (Dream predicts column t from row t-1: the prompt must not be empty)" if self.logit_shift else "")
+            )
+        return self(input_ids, position_ids, attention_mask, cache, logits_index=slice(start, stop))

@@ -1,0 +1,168 @@
+"""Checks that need a CUDA GPU (skipped elsewhere): CUDA graphs and fused kernels give what the plain path gives,
+one cache object serves batches of other shapes, and the no-cache path's graphs do not accumulate memory over many
+prompt lengths. ``device`` runs them on the lent H200 (docs/performance.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmeval_dllm.caches import Cache, build_cache, check_compatible
+from lmeval_dllm.generate import GenerationConfig, generate
+from lmeval_dllm.models import DiffusionLM, ModelArgs
+from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SHAPES = {
+    "llada": dict(family="llada", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
+                  vocab_size=512, rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, rope_fp32=True,
+                  tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501, pad_token_id=501,
+                  logit_shift=0),
+    "dream": dict(family="dream", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                  vocab_size=512, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, rope_fp32=False,
+                  tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501, pad_token_id=501,
+                  logit_shift=1),
+}
+# Strategies checked with every cache they can use (lengths 32 / 8; DAEDAL from 8, at most 32).
+STRATEGIES = {
+    "vanilla": {"num_transfer_tokens": 2},
+    "pc_sampler": {"debias": False},
+    "eb_sampler": {"gamma": 0.1},
+    "klass": {"threshold": 0.5},
+    "ar": {"num_transfer_tokens": 2},
+    "wino": {},
+    "daedal": {"initial_gen_length": 8, "max_gen_length": 32, "num_check_last_eot": 4, "threshold": 0.5},
+}
+CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
+          ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
+          ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1})]
+
+
+def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
+    """Random weights of a small shape on the GPU (the mask token never proposed, as a trained model)."""
+    args = ModelArgs(**{**SHAPES[family], **shape})
+    torch.manual_seed(0)
+    model = DiffusionLM(args, fuse=fuse).to(device="cuda", dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() > 1 and "tok_emb" not in name:
+                p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
+        model.output.weight[args.mask_token_id].zero_()
+    model.init_buffers(torch.device("cuda"))
+    return model.eval().requires_grad_(False)
+
+
+def batches(model):
+    gen = torch.Generator().manual_seed(2)
+    first = torch.randint(0, model.args.mask_token_id, (2, 12), generator=gen)
+    first_mask = torch.ones(2, 12, dtype=torch.bool)
+    first_mask[1, :3] = False
+    second = torch.randint(0, model.args.mask_token_id, (3, 9), generator=gen)
+    second_mask = torch.ones(3, 9, dtype=torch.bool)
+    second_mask[0, :2] = False
+    return (first, first_mask), (second, second_mask)
+
+
+def decode(model, strategy, cache, batch):
+    """(tokens, per-step logits) of one call."""
+    proposal = Proposal.from_params().bind(model.args.eos_token_id, None)
+    sampler = build_sampler(strategy, proposal, **STRATEGIES[strategy])
+    seen, step = [], sampler.step
+    sampler.step = lambda logits, state: (seen.append(logits.float().clone()), step(logits, state))[1]
+    config = GenerationConfig(None if sampler.sizes_canvas else 32, 8)
+    out = generate(model, *batch, sampler, config, stop_token_ids=torch.tensor([-1]), cache=cache)
+    return out.tokens.cpu(), seen
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_fused_kernels_match_the_plain_ops(family):
+    first, _ = batches(random_model(family))
+    fused, fused_logits = decode(random_model(family), "vanilla", Cache(cuda_graphs=False), first)
+    plain, plain_logits = decode(random_model(family, fuse=False), "vanilla", Cache(cuda_graphs=False), first)
+    assert torch.equal(fused, plain)
+    assert max((a - b).abs().max().item() for a, b in zip(fused_logits, plain_logits)) <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
+    """With CUDA graphs, every cache gives the logits and tokens it gives eagerly, also when one cache object
+    serves a batch of another shape and then the first again (as lm-eval uses it); refreshed every step, the
+    tokens of no cache."""
+    model = random_model(family)
+    first, second = batches(model)
+    reference, _ = decode(model, strategy, Cache(cuda_graphs=False), first)
+    for name, kw in CACHES:
+        try:
+            check_compatible(sampler_class(strategy), build_cache(name, **kw))
+        except ValueError:
+            continue  # refused up front (tested on the CPU)
+        eager, eager_logits = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), first)
+        cache = build_cache(name, **kw)
+        graphed, graphed_logits = decode(model, strategy, cache, first)
+        assert torch.equal(eager, graphed), (name, kw)
+        assert [a.shape for a in eager_logits] == [b.shape for b in graphed_logits], (name, kw)
+        assert max((a - b).abs().max().item() for a, b in zip(eager_logits, graphed_logits)) <= 1e-4, (name, kw)
+        eager2, _ = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), second)
+        assert torch.equal(decode(model, strategy, cache, second)[0], eager2), (name, kw)
+        assert torch.equal(decode(model, strategy, cache, first)[0], graphed), (name, kw)
+        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name == "none":
+            assert torch.equal(eager, reference), (name, kw)
+
+
+@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache"])
+def test_one_cache_object_over_batches_of_other_shapes(cache_name):
+    """The bundled trained tiny-llada in bfloat16 with stop tokens (rows finish early): each batch decoded by one
+    long-lived cache object equals a fresh eager decode (a graph pool once got reused after its graphs were
+    dropped, and PyTorch's allocator asserted on the second lm-eval batch)."""
+    from lmeval_dllm.lm import BUNDLED_MODELS
+    from lmeval_dllm.models import load_model
+
+    model = load_model(BUNDLED_MODELS["tiny-llada"], dtype=torch.bfloat16, device="cuda")
+    stops = torch.tensor([model.args.eos_token_id, 258])  # <|endoftext|>, <|eot_id|>
+    gen = torch.Generator().manual_seed(0)
+    cache = build_cache(cache_name)
+    for B, P in [(32, 60), (32, 70), (7, 55), (32, 60)]:
+        ids = torch.randint(0, 250, (B, P), generator=gen)
+        mask = torch.ones(B, P, dtype=torch.bool)
+        mask[0, :5] = False
+
+        def run(c):
+            sampler = build_sampler("vanilla", Proposal.from_params(), threshold=0.9)
+            return generate(model, ids, mask, sampler, GenerationConfig(64, 32), stop_token_ids=stops,
+                            cache=c).tokens.cpu()
+
+        assert torch.equal(run(cache), run(build_cache(cache_name, cuda_graphs=False))), (B, P)
+
+
+def _memory_over_lengths(model, cache, lengths):
+    """Allocated bytes after decoding one batch of each prompt length with one long-lived cache object."""
+    sampler = build_sampler("vanilla", Proposal.from_params(), num_transfer_tokens=4)
+    gen = torch.Generator().manual_seed(0)
+    used = []
+    for P in lengths:
+        ids = torch.randint(0, model.args.mask_token_id, (8, P), generator=gen)
+        generate(model, ids, None, sampler, GenerationConfig(16, 16), stop_token_ids=torch.tensor([-1]), cache=cache)
+        torch.cuda.synchronize()
+        used.append(torch.cuda.memory_allocated())
+    return used
+
+
+def test_no_cache_graphs_keep_memory_flat_over_100_prompt_lengths(monkeypatch):
+    """A GSM8K run decodes ~80 batches of different prompt lengths with one cache object; each canvas shape once
+    kept its CUDA graph (and its activation memory) forever. Now a new shape drops the old graphs: memory after
+    100 distinct lengths equals memory after the first few. The same run with the drop disabled grows."""
+    model = random_model("llada", dtype=torch.bfloat16, dim=256, n_heads=4, n_kv_heads=4, intermediate_size=512,
+                         vocab_size=32768, mask_token_id=32000, eos_token_id=32001, pad_token_id=32001)
+    used = _memory_over_lengths(model, Cache(), range(40, 140))
+    grown = used[-1] - used[4]
+    assert grown <= 8 * 2 ** 20, f"memory grew by {grown / 2 ** 20:.1f} MiB over 100 prompt lengths"
+
+    monkeypatch.setattr(Cache, "setup", lambda self, model, state: None)  # the old behaviour: never drop
+    leaky = _memory_over_lengths(model, Cache(), range(40, 60))
+    assert leaky[-1] - leaky[4] > 10 * 8 * 2 ** 20  # the check can see a leak: > 8 MiB per length
