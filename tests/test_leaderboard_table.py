@@ -110,7 +110,8 @@ def test_markdown_and_csv(stored):
                         "status": "ok", "metric": "exact_match,strict-match", "accuracy": "0.45",
                         "accuracy_stderr": "", "n": "40", "nfe": "16.5", "tokens_per_s": "80.0",
                         "tokens_per_step": "1.9393939", "latency_s": "0.25", "speedup": "8.0",
-                        "baseline": "vanilla | none", "cell": os.path.join("cells", "tg", "tiny", "fast--dual")}
+                        "baseline": "vanilla | none", "cell": os.path.join("cells", "tg", "tiny", "fast--dual"),
+                        "published": "", "delta": "", "published_source": ""}
     assert [r["status"] for r in table] == ["ok"] * 4 + ["failed", "ok", "missing", "missing"]
 
 

@@ -14,6 +14,9 @@ Columns (docs/leaderboard.md defines them for readers):
   requests (``dllm_stats.mean_latency_s``).
 - ``speedup``: ``tokens_per_s`` over that of the baseline cell (the matrix's ``baseline``, by default the first
   strategy without cache) of the same model and task; blank for AR rows and when the baseline did not finish.
+- ``published``, ``delta``, ``published_source``: the published accuracy of the same model, task, strategy,
+  cache and decoding arguments (``published.yaml`` next to the matrix's task configs; see
+  lmeval_dllm/leaderboard/published.py), ``accuracy - published``, and where it was published; blank without one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from lmeval_dllm.leaderboard.matrix import Cell, Matrix
+from lmeval_dllm.leaderboard.matrix import NO_CACHE, Cell, Matrix
+from lmeval_dllm.leaderboard.published import Published, match, published_near
 from lmeval_dllm.leaderboard.run import FAILED, cell_dir, results_file
 
 
@@ -48,6 +52,9 @@ class Row:
     speedup: Optional[float] = None
     baseline: Optional[str] = None  # "strategy | cache" the speed-up is relative to
     cell: str = ""  # the cell's directory, relative to the run directory
+    published: Optional[float] = None  # the published accuracy of this setting (fraction), if any
+    delta: Optional[float] = None  # accuracy - published
+    published_source: Optional[str] = None
 
 
 COLUMNS = [f for f in Row.__dataclass_fields__]
@@ -102,10 +109,15 @@ def _number(value) -> Optional[float]:
     return None
 
 
-def build_rows(matrix: Matrix, out: str) -> list[Row]:
-    """Every cell's row, ordered by task, then dLLM model, strategy, cache, then the AR baselines."""
+def build_rows(matrix: Matrix, out: str, published: Optional[list[Published]] = None) -> list[Row]:
+    """Every cell's row, ordered by task, then dLLM model, strategy, cache, then the AR baselines. ``published``:
+    the published results to set beside the cells (default: the ``published.yaml`` of the matrix's include_path)."""
     cells = matrix.cells()
     rows = [read_cell(out, c) for c in cells]
+    if published is None:
+        published = published_near(matrix.include_path)
+    for cell, row in zip(cells, rows):
+        _add_published(row, cell, published, _num_fewshot(matrix.lm_eval_args))
     base_strategy, base_cache = matrix.baseline
     reference = {(r.task, r.model): r for r in rows
                  if r.kind == "dllm" and r.strategy == base_strategy and r.cache == base_cache}
@@ -121,6 +133,45 @@ def build_rows(matrix: Matrix, out: str) -> list[Row]:
     return sorted(rows, key=lambda r: (task_order[r.task], r.kind == "ar"))
 
 
+def _decoding_args(cell: Cell) -> dict:
+    """The cell's decoding arguments (strategy and cache parameters, the model's decoding keys), not its dtype,
+    batch size or other model arguments."""
+    from lmeval_dllm.hf_ar import dllm_generation_keys
+
+    decoding = dllm_generation_keys() | {"temperature", "top_p", "top_k"}
+    args = {**cell.strategy.params, **cell.cache.params}
+    args.update({k: v for k, v in cell.model.model_args.items() if k in decoding})
+    return args
+
+
+def _num_fewshot(lm_eval_args) -> Optional[int]:
+    args = list(lm_eval_args)
+    for i, arg in enumerate(args):
+        if arg == "--num_fewshot" and i + 1 < len(args):
+            return int(args[i + 1])
+        if arg.startswith("--num_fewshot="):
+            return int(arg.split("=", 1)[1])
+    return None
+
+
+def _add_published(row: Row, cell: Cell, published: list[Published], num_fewshot: Optional[int]) -> None:
+    if not published:
+        return
+    if cell.kind == "dllm":
+        found = match(published, task=cell.task.name, pretrained=cell.model.pretrained, kind="dllm",
+                      strategy=cell.strategy.strategy,
+                      cache=cell.cache.cache if cell.cache.cache != NO_CACHE else "none",
+                      args=_decoding_args(cell), num_fewshot=num_fewshot)
+    else:
+        found = match(published, task=cell.task.name, pretrained=cell.model.pretrained, kind="ar",
+                      num_fewshot=num_fewshot)
+    if found is None:
+        return
+    row.published, row.published_source = found.accuracy / 100, found.cite
+    if row.accuracy is not None:
+        row.delta = row.accuracy - row.published
+
+
 def write_csv(rows: list[Row], path: str) -> None:
     """Raw values (fractions, seconds), one row per cell; empty fields where a value does not apply."""
     with open(path, "w", newline="") as f:
@@ -133,10 +184,12 @@ def write_csv(rows: list[Row], path: str) -> None:
 def markdown(rows: list[Row], matrix: Matrix) -> str:
     """The paper table: accuracy in percent with its standard error, then speed columns."""
     base_strategy, base_cache = matrix.baseline
+    with_published = any(r.published is not None for r in rows)  # the two columns only when a cell has a number
     lines = [
         "| task | model | strategy | cache | n | accuracy (%) | NFE | tokens/s | tokens/step | latency (s) "
-        "| speed-up |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| speed-up |" + (" published (%) | delta (pp) |" if with_published else ""),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: | ---: |" if with_published else ""),
     ]
     for r in rows:
         strategy, cache = (r.strategy, r.cache) if r.kind == "dllm" else ("AR (hf)", "KV cache")
@@ -149,6 +202,9 @@ def markdown(rows: list[Row], matrix: Matrix) -> str:
             cells = [r.task, r.model, strategy, cache, _fmt(r.n, "{}"), acc, _fmt(r.nfe, "{:.1f}"),
                      _fmt(r.tokens_per_s, "{:.1f}"), _fmt(r.tokens_per_step, "{:.2f}"),
                      _fmt(r.latency_s, "{:.3f}"), _fmt(r.speedup, "{:.2f}×")]
+        if with_published:
+            cells += [_fmt(None if r.published is None else 100 * r.published, "{:.1f}"),
+                      _fmt(None if r.delta is None else 100 * r.delta, "{:+.1f}")]
         lines.append("| " + " | ".join(cells) + " |")
     metrics = {}
     for r in rows:
@@ -160,6 +216,9 @@ def markdown(rows: list[Row], matrix: Matrix) -> str:
         "(blank: AR row, or that cell did not finish). "
         "Accuracy: " + "; ".join(f"`{m}` on {t}" for t, m in metrics.items()) + ".",
     ]
+    sources = sorted({r.published_source for r in rows if r.published_source})
+    if sources:
+        notes.append("Published (task_configs/published.yaml): " + "; ".join(sources) + ".")
     return "\n".join(lines + notes) + "\n"
 
 

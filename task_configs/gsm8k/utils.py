@@ -209,3 +209,22 @@ def flexible_filter(resps: list[list[str]], docs: list[dict]) -> list[list[str]]
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """``results[0]`` is the filtered (already normalised) answer of one filter pipeline."""
     return {"exact_match": float(results[0] != INVALID and results[0] == gold_answer(doc))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gsm8k_cot_dllm: lm-eval's gsm8k_cot exemplars, read from lm-eval's own YAML (no copy to drift from it)
+
+
+def lm_eval_gsm8k_cot_config() -> dict:
+    """lm-eval's ``tasks/gsm8k/gsm8k-cot.yaml`` as a dict (plain YAML: it has no ``!function`` tags)."""
+    import lm_eval.tasks
+    import yaml
+
+    path = os.path.join(os.path.dirname(lm_eval.tasks.__file__), "gsm8k", "gsm8k-cot.yaml")
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def gsm8k_cot_exemplars() -> list[dict[str, str]]:
+    """The 8 chain-of-thought exemplars (``question``, ``target`` ending "The answer is N.") of Wei et al. 2022."""
+    return [dict(s) for s in lm_eval_gsm8k_cot_config()["fewshot_config"]["samples"]]

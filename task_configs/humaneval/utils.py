@@ -227,3 +227,90 @@ def pass_at_1(references: list[str], predictions: list[Any], timeout: float = DE
         program = program[0]
     status = run_program(program + "\n\n" + references[0] + _PASSED_FOOTER, timeout=float(timeout))
     return float(status == _PASSED_EXIT_CODE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fast-dLLM's post-processing for the plain HumanEval prompt (humaneval_fastdllm, humaneval_fastdllm_instruct)
+#
+# NVlabs/Fast-dLLM llada/postprocess_code.py + sanitize.py (taken from Dream's evaluation): the program is
+# sanitize(prompt + "\n" + <the response's code>, entry_point), where the response's code is the text after its
+# first "```python\n" (all of it when there is none) up to the next "```". sanitize: tabs to four spaces, the
+# longest run of consecutive lines (among the first 100) that parses, counted in non-blank lines; of its top-level
+# statements keep the imports, classes, functions containing a return, and assignments to a name (a later
+# definition of a name replaces an earlier one); drop every definition the entry point does not reach through
+# the names it uses. Our own implementation of those rules.
+
+_SANITIZE_MAX_LINES = 100
+
+
+def fastdllm_program(response: str, doc: dict) -> str:
+    """The program Fast-dLLM's ``postprocess_code.py`` tests for one plain-prompt response."""
+    code = response.split("```python\n", 1)[-1].split("```")[0]
+    return fastdllm_sanitize(doc["prompt"] + "\n" + code, doc["entry_point"])
+
+
+def fastdllm_sanitize(text: str, entry_point: Optional[str] = None) -> str:
+    text = text.replace("\t", "    ").replace("\r\n", "\n").replace("\r", "\n").strip() + "\n"
+    tree = ast.parse(_longest_parsable_run(text.splitlines()[:_SANITIZE_MAX_LINES]))
+    imports, definitions = [], {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(node)
+        elif isinstance(node, ast.ClassDef):
+            definitions[node.name] = node
+        elif isinstance(node, ast.FunctionDef):
+            if any(isinstance(n, ast.Return) for n in ast.walk(node)):
+                definitions[node.name] = node
+        elif isinstance(node, ast.Assign) and node.targets and isinstance(node.targets[0], ast.Name):
+            definitions[node.targets[0].id] = node
+    if entry_point:
+        reachable = _reachable(entry_point, {name: _names_used(node) for name, node in definitions.items()})
+        definitions = {name: node for name, node in definitions.items() if name in reachable}
+    return "\n".join(ast.unparse(node) for node in [*imports, *definitions.values()])
+
+
+def _longest_parsable_run(lines: list[str]) -> str:
+    """The run ``lines[i:j]`` that parses with the most non-blank lines (the first such run on ties)."""
+    best, best_count = "", 0
+    for i in range(len(lines)):
+        for j in range(i + 1, len(lines) + 1):
+            snippet = "\n".join(lines[i:j])
+            count = sum(1 for line in lines[i:j] if line.strip())
+            if count <= best_count:
+                continue
+            try:
+                ast.parse(snippet)
+            except (SyntaxError, MemoryError, ValueError):
+                continue
+            best, best_count = snippet, count
+    return best
+
+
+def _names_used(node: ast.AST) -> set[str]:
+    """Names and attribute names inside ``node`` (Fast-dLLM's get_deps: it stops descending at a name or an
+    attribute, so ``a.b.c`` yields ``c`` only)."""
+    names, stack = set(), [node]
+    while stack:
+        for child in ast.iter_child_nodes(stack.pop()):
+            if isinstance(child, ast.Name):
+                names.add(child.id)
+            elif isinstance(child, ast.Attribute):
+                names.add(child.attr)
+            else:
+                stack.append(child)
+    return names
+
+
+def _reachable(start: str, uses: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(uses.get(name, set()) - seen)
+    return seen
+
+
+def build_fastdllm_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
+    """lm-eval ``custom`` filter: every response -> Fast-dLLM's sanitized program."""
+    return [[fastdllm_program(r, doc) for r in rs] for rs, doc in zip(resps, docs)]
