@@ -260,7 +260,8 @@ def test_tiny_batch_equals_each_prompt_alone(request, family, low):
 
     ck = request.getfixturevalue(f"{family}_dir")
     model, tok = load_model(ck), AutoTokenizer.from_pretrained(ck)
-    enc, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"])
+    prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
+    enc, ids, mask = left_pad(tok, prompts)
     kw = dict(initial_gen_length=8, max_gen_length=24, num_check_last_eot=4, expansion_factor=4,
               initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=low, threshold=0.05)
     sampler = daedal(eos=tok.eos_token_id, **kw)

@@ -325,7 +325,8 @@ def test_invariants_and_batch_equals_each_prompt_alone(tiny_dir, kw):
     """Every step: accepting exactly n never re-masks, re-masks <= previous accepts - n; every block ends with
     nothing masked within ceil(L / n) steps; a left-padded batch gives each prompt what it gives alone."""
     model, tok = _tiny(tiny_dir)
-    enc, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"])
+    prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
+    enc, ids, mask = left_pad(tok, prompts)
     P = ids.shape[1]
     G, Lb, n = 16, 8, kw.get("num_transfer_tokens", 1)
     sampler = wino(**kw)
