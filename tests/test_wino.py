@@ -378,6 +378,10 @@ def test_caches_refreshed_every_step_give_the_no_cache_decode(tiny_dir, cache):
     approx = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,
                       cache=build_cache(cache))
     assert (approx.tokens != model.mask_token_id).all()
+    for i, e in enumerate(enc):  # approximate, yet each row is exactly what its prompt gets alone through it
+        alone = generate(model, torch.tensor([e]), None, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,
+                         cache=build_cache(cache))
+        assert alone.tokens[0].tolist() == approx.tokens[i].tolist() and alone.nfe[0] == approx.nfe[i], f"row {i}"
 
 
 @pytest.mark.parametrize("cache", ["dllm", "d2cache"])
