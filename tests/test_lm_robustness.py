@@ -219,15 +219,21 @@ def test_prompt_longer_than_max_length(llada_dir):
 def test_empty_prompt(llada_dir, dream_dir):
     """LLaDA decodes from nothing; Dream (row t-1 predicts t) needs one token: an error naming the fix, and with
     add_bos_token=True the prompt is [BOS]."""
-    [text] = DLLM(pretrained=llada_dir).generate_until([gen_req("")], disable_tqdm=True)
+    llada = DLLM(pretrained=llada_dir)
+    [text] = llada.generate_until([gen_req("")], disable_tqdm=True)
     assert isinstance(text, str)
+    # in a batch the empty prompt is a row of padding only: it still gets exactly what it gets alone
+    assert DLLM(pretrained=llada_dir, batch_size=2).generate_until([gen_req("Hi"), gen_req("")], disable_tqdm=True) \
+        == [llada.generate_until([gen_req("Hi")], disable_tqdm=True)[0], text]
     with pytest.raises(ValueError, match="empty prompt: Dream predicts each position from the one before it, so it "
                                          "needs at least one prompt token \\(e.g. BOS: add_bos_token=True\\)"):
         DLLM(pretrained=dream_dir).generate_until([gen_req("")], disable_tqdm=True)
     bos = DLLM(pretrained=dream_dir, add_bos_token=True)
     bos_id = bos.tokenizer.bos_token_id
     assert bos.tok_encode("") == [bos_id] and bos.tok_encode("a") == [bos_id, 97]
-    assert len(bos.generate_until([gen_req(""), gen_req("a")], disable_tqdm=True)) == 2
+    alone = [bos.generate_until([gen_req(p)], disable_tqdm=True)[0] for p in ("", "a")]
+    batched = DLLM(pretrained=dream_dir, add_bos_token=True, batch_size=2)
+    assert batched.generate_until([gen_req(""), gen_req("a")], disable_tqdm=True) == alone
 
 
 def test_any_unicode_and_control_characters(llada_dir):
@@ -239,6 +245,9 @@ def test_any_unicode_and_control_characters(llada_dir):
     assert lm.tok_encode("\ud800 lone") == lm.tok_encode("\ufffd lone")
     out = lm.generate_until([gen_req(p) for p in prompts], disable_tqdm=True)
     assert len(out) == 5 and all(isinstance(t, str) for t in out) and out[3] == out[4]
+    # one batch of all five gives each exactly its batch-size-1 answer
+    assert DLLM(pretrained=llada_dir, batch_size=5).generate_until([gen_req(p) for p in prompts],
+                                                                   disable_tqdm=True) == out
     lls = lm.loglikelihood([ll_req(p, " \x00😀") for p in prompts], disable_tqdm=True)
     assert all(math.isfinite(v) for v, _ in lls) and lls[3] == lls[4]
 

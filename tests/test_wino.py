@@ -325,7 +325,8 @@ def test_invariants_and_batch_equals_each_prompt_alone(tiny_dir, kw):
     """Every step: accepting exactly n never re-masks, re-masks <= previous accepts - n; every block ends with
     nothing masked within ceil(L / n) steps; a left-padded batch gives each prompt what it gives alone."""
     model, tok = _tiny(tiny_dir)
-    enc, ids, mask = left_pad(tok, ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"])
+    prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
+    enc, ids, mask = left_pad(tok, prompts)
     P = ids.shape[1]
     G, Lb, n = 16, 8, kw.get("num_transfer_tokens", 1)
     sampler = wino(**kw)
@@ -377,6 +378,10 @@ def test_caches_refreshed_every_step_give_the_no_cache_decode(tiny_dir, cache):
     approx = generate(model, ids, mask, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,
                       cache=build_cache(cache))
     assert (approx.tokens != model.mask_token_id).all()
+    for i, e in enumerate(enc):  # approximate, yet each row is exactly what its prompt gets alone through it
+        alone = generate(model, torch.tensor([e]), None, wino(**kw), GenerationConfig(16, 8), stop_token_ids=NEVER,
+                         cache=build_cache(cache))
+        assert alone.tokens[0].tolist() == approx.tokens[i].tolist() and alone.nfe[0] == approx.nfe[i], f"row {i}"
 
 
 @pytest.mark.parametrize("cache", ["dllm", "d2cache"])

@@ -7,7 +7,7 @@ from typing import ClassVar, Optional
 
 import pytest
 import torch
-from caches_support import PROMPTS, decode, left_pad, tiny
+from caches_support import EXACT, PROMPTS, decode, left_pad, tiny
 
 from lmeval_dllm.caches import CACHES, ExtraRows, build_cache, check_compatible
 from lmeval_dllm.state import StepLogits
@@ -185,14 +185,28 @@ def test_prefix_and_dual_parameters_are_checked():
 
 
 def test_vanilla_modes_run_with_every_cache(tiny_dir):
-    """Every cache with every vanilla mode completes the generation (no mask left, NFE as the mode implies)."""
+    """Every cache with every vanilla mode completes the generation (no mask left, each position committed once,
+    NFE as the mode implies); refreshed at every step it is the no-cache decode; a threshold no confidence reaches
+    is one token per step through the same cache."""
     model, tok = tiny(tiny_dir)
     _, ids, mask = left_pad(tok, PROMPTS[:2])
     modes = [{"num_transfer_tokens": 2}, {"steps": 8}, {"threshold": 0.5}, {"factor": 2.0},
              {"num_transfer_tokens": 1, "threshold": 0.9}]
-    for name in CACHES:
-        for mode in modes:
+    for mode in modes:
+        ref = decode(model, ids, mask, None, gen_length=16, block_length=8, **mode)
+        for name in CACHES:
             out = decode(model, ids, mask, (name, {}), gen_length=16, block_length=8, **mode)
             assert (out.tokens != model.mask_token_id).all(), (name, mode)
-            if "num_transfer_tokens" in mode and len(mode) == 1 and name != "d2cache":
+            assert out.committed.tolist() == [16, 16], (name, mode)
+            if len(mode) == 1 and ("num_transfer_tokens" in mode or "steps" in mode) and name != "d2cache":
                 assert out.nfe.tolist() == [8, 8], (name, mode)
+            exact = decode(model, ids, mask, (name, EXACT[name]), gen_length=16, block_length=8, **mode)
+            assert exact.tokens.tolist() == ref.tokens.tolist(), (name, mode)
+            assert exact.nfe.tolist() == ref.nfe.tolist(), (name, mode)
+    for name in CACHES:
+        top1 = decode(model, ids, mask, (name, {}), gen_length=16, block_length=8, num_transfer_tokens=1)
+        unreachable = decode(model, ids, mask, (name, {}), gen_length=16, block_length=8, threshold=1.0)
+        assert unreachable.tokens.tolist() == top1.tokens.tolist(), name
+        assert unreachable.decoded_at.tolist() == top1.decoded_at.tolist(), name
+        if name != "d2cache":
+            assert top1.nfe.tolist() == [16, 16], name

@@ -3,8 +3,9 @@ families. WINO and DAEDAL, which need more of a cache than the usual forward, ha
 
 - A cache forced to recompute everything at every step gives exactly the no-cache tokens and forward passes: the
   strategy reads the same logits, so any difference is a bug in how it uses ``state.fresh`` or the cache.
-- With each cache's default (approximate) settings the generation completes: no mask is left in any row, and a
-  strategy that commits a fixed count per step (ar) keeps its exact number of forward passes.
+- With each cache's default (approximate) settings the generation completes: no mask is left in any row, every
+  position is committed once, each row of the batch is token for token what its prompt gives alone through the
+  same cache, and a strategy that commits a fixed count per step (ar) keeps its exact number of forward passes.
 """
 
 from __future__ import annotations
@@ -46,9 +47,15 @@ def test_refresh_at_every_step_equals_no_cache(tiny_dir, strategy):
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_default_caches_complete_the_generation(tiny_dir, strategy):
     model, tok = tiny(tiny_dir)
-    _, ids, mask = left_pad(tok, PROMPTS)
+    enc, ids, mask = left_pad(tok, PROMPTS)
     for name in EXACT:
         out = run(model, ids, mask, strategy, (name, {}))
         assert (out.tokens != model.mask_token_id).all(), (strategy, name)
+        assert out.committed.tolist() == [16, 16, 16], (strategy, name)  # each position exactly once
         if strategy == "ar":  # two tokens per step, 16 positions: 8 passes whatever the cache serves
             assert out.nfe.tolist() == [8, 8, 8], name
+        # approximate, but row by row: each row is exactly what its prompt decodes alone through the same cache
+        for i, e in enumerate(enc):
+            alone = run(model, torch.tensor([e]), None, strategy, (name, {}))
+            assert alone.tokens[0].tolist() == out.tokens[i].tolist(), (strategy, name, i)
+            assert alone.nfe[0] == out.nfe[i], (strategy, name, i)

@@ -76,4 +76,7 @@ def test_generation_records_the_gen_length_used(tasks, llada_dir):
         outputs = lm.generate_until(requests, disable_tqdm=True)
         assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
         assert [r.gen_length for r in lm.stats.requests] == [expected, expected]
-        assert all(r.nfe <= expected for r in lm.stats.requests)
+        # logits_eos_inf and no stop string: one token per step over the whole length, never an early stop
+        assert [(r.nfe, r.answer_tokens) for r in lm.stats.requests] == [(expected, expected)] * 2
+        # a batch of both gives each request exactly its batch-size-1 answer
+        assert dllm(llada_dir, batch_size=2, **model_args).generate_until(requests, disable_tqdm=True) == outputs
