@@ -38,8 +38,15 @@ NOWHERE = "/nonexistent/checkpoint"
     ({"gen_length": 100, "block_length": 32}, ValueError, "gen_length=100 is not divisible by block_length=32"),
     ({"gen_length": 64, "steps": 7}, ValueError, "steps=7 must be at most gen_length=64 and divisible"),
     ({"temperature": -0.5}, ValueError, "temperature must be a finite number >= 0, got -0.5"),
-    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
-    ({"batch_size": "auto"}, ValueError, "batch_size='auto': expected an integer"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, 'auto' or 'auto:N', got 0"),
+    ({"batch_size": "many"}, ValueError, "batch_size='many': expected an integer >= 1, 'auto' or 'auto:N'"),
+    ({"batch_size": "auto:0"}, ValueError, "batch_size='auto:0': expected an integer >= 1, 'auto', or 'auto:N'"),
+    ({"batch_size": "auto:x"}, ValueError, "batch_size='auto:x': expected an integer >= 1, 'auto', or 'auto:N'"),
+    ({"batch_size": "auto", "max_batch_size": 0}, ValueError, "max_batch_size must be an integer >= 1, got 0"),
+    ({"gen_length": 0}, ValueError, "gen_length must be an integer >= 1, got 0"),
+    ({"block_length": 0}, ValueError, "block_length must be an integer >= 1, got 0"),
+    ({"gen_length": 64, "block_length": 0}, ValueError, "block_length must be an integer >= 1, got 0"),
+    ({"device": "tpu:0"}, ValueError, "device='tpu:0': expected cpu, cuda, cuda:N or auto"),
     ({"dtype": "fp8"}, ValueError, "dtype='fp8': expected one of auto, bfloat16"),
     ({"trust_remote_code": "maybe"}, ValueError, "trust_remote_code='maybe': expected a boolean"),
 ])
@@ -138,10 +145,22 @@ def test_stop_tokens_include_end_of_turn(llada_dir, dream_dir):
     assert make(dream_dir).stop_token_ids.tolist() == [256, 258]  # <|endoftext|>, <|im_end|>
 
 
-def test_cuda_request_without_cuda_falls_back_to_cpu(llada_dir):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    assert make(llada_dir, device="cuda:0").device == torch.device("cpu")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_request_without_cuda_is_an_error_before_loading(device, monkeypatch):
+    """It used to warn and run on the CPU (a GPU benchmark silently measured the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=f"^device='{device}': CUDA is not available on this machine \\(torch sees "
+                                         f"no GPU\\); available: cpu$"):
+        DLLM(pretrained=NOWHERE, device=device)
+
+
+def test_cuda_index_past_the_devices_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="^device='cuda:2': this machine has 2 CUDA device\\(s\\); available: cpu, "
+                                         "cuda, cuda:0, cuda:1$"):
+        DLLM(pretrained=NOWHERE, device="cuda:2")
 
 
 def test_model_info_for_results_json(llada_dir):
