@@ -238,9 +238,11 @@ def _check_names(strategy: str, cache: Optional[str], kwargs: Mapping[str, Any],
             if source is None:
                 raise ValueError(f"unknown parameter {name!r} for strategy {strategy!r}{did_you_mean(name, accepted)}"
                                  f" accepted: {', '.join(sorted(accepted))} (cache parameters go under the cache)")
-            cache_hint = ""
-            if name in cache_params(cache) or any(name in cache_params(c) for c in CACHES):
+            cache_hint, owners = "", [c for c in CACHES if name in cache_params(c)]
+            if source != MODEL_ARGS and (name in cache_params(cache) or owners):
                 cache_hint = " (cache parameters go in --model_args, with the cache they belong to)"
+            elif owners:
+                cache_hint = f" ({name!r} is a parameter of cache {' / '.join(owners)}, not of cache={cache!r})"
             raise ValueError(
                 f"unknown parameter {name!r} in {source} for strategy {strategy!r}"
                 f"{did_you_mean(name, accepted)}{cache_hint} accepted decoding parameters: "
