@@ -10,8 +10,9 @@ Decoding is ``lmeval_dllm.generate.generate``; strategies are ``lmeval_dllm.samp
 Decoding parameters (``gen_length``, ``block_length``, strategy, proposal and cache parameters) may be given in
 ``--model_args`` or carried by a task's ``generation_kwargs`` (and ``--gen_kwargs``, which lm-eval merges into
 them). Precedence: what the user puts in ``--model_args`` > the task's generation kwargs (including
-``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``; a strategy that chooses
-each answer's length itself (DAEDAL) uses neither, and a ``gen_length`` in ``--model_args`` is an error for it.
+``--gen_kwargs``) > our defaults, decided by one function, ``lmeval_dllm.decoding.resolve``. ``gen_length``
+defaults to the task's ``max_gen_toks``; a strategy that chooses each answer's length itself (DAEDAL) uses
+neither, and a ``gen_length`` in ``--model_args`` is an error for it.
 
 Likelihood requests (multiple-choice tasks, perplexity) use the Monte-Carlo estimate of the LLaDA paper's bound
 (``lmeval_dllm.likelihood``). Under ``accelerate launch`` / ``torchrun`` each process takes its share of the
@@ -58,6 +59,7 @@ BUNDLED_MODELS = {
 # the CPU, where nothing signals that memory is short (no probing there).
 DEFAULT_MAX_BATCH_SIZE = 64
 CPU_AUTO_BATCH_SIZE = 8
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm-eval's command line passes when no --device is given
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -712,7 +714,9 @@ def _parse_batch_size(batch_size) -> tuple[Optional[int], int]:
 
 
 def _pick_device(device: Optional[str]) -> torch.device:
-    """``device`` (None / ``auto``: CUDA when available) as a torch device this machine has; else ValueError."""
+    """``device`` (None / ``auto``: CUDA when available) as a torch device this machine has; else ValueError.
+    ``cuda:0`` without a GPU is the exception, a warning and the CPU: lm-eval's command line passes it when no
+    ``--device`` is given, so it cannot be told apart from a choice."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -721,6 +725,11 @@ def _pick_device(device: Optional[str]) -> torch.device:
         raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 and device == LM_EVAL_DEFAULT_DEVICE:
+            # lm-eval's command line passes device='cuda:0' when no --device is given: not a choice to refuse.
+            eval_logger.warning("device=%s (lm-eval's default when no --device is given) but torch sees no GPU: "
+                                "using the CPU", device)
+            return torch.device("cpu")
         if count == 0:
             raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch sees no GPU); "
                              f"available: cpu")

@@ -145,14 +145,23 @@ def test_stop_tokens_include_end_of_turn(llada_dir, dream_dir):
     assert make(dream_dir).stop_token_ids.tolist() == [256, 258]  # <|endoftext|>, <|im_end|>
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_request_without_cuda_is_an_error_before_loading(device, monkeypatch):
-    """It used to warn and run on the CPU (a GPU benchmark silently measured the CPU)."""
+    """It used to warn and run on the CPU (a GPU benchmark silently measured the CPU). ``cuda:0`` is lm-eval's
+    command-line default (passed when no --device is given): that one still falls back, with a warning."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match=f"^device='{device}': CUDA is not available on this machine \\(torch sees "
                                          f"no GPU\\); available: cpu$"):
         DLLM(pretrained=NOWHERE, device=device)
+
+
+def test_lm_evals_default_device_falls_back_to_the_cpu(llada_dir, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with caplog.at_level("WARNING", logger="lm_eval.models.dllm"):
+        assert make(llada_dir, device="cuda:0").device == torch.device("cpu")
+    assert "device=cuda:0 (lm-eval's default when no --device is given) but torch sees no GPU" in caplog.text
 
 
 def test_cuda_index_past_the_devices_is_an_error(monkeypatch):
