@@ -44,15 +44,9 @@ def dllm_generation_keys() -> frozenset[str]:
     itself takes (``temperature``, ``top_p``, ``top_k``)."""
     from transformers import GenerationConfig
 
-    from lmeval_dllm.caches import CACHES, cache_params
-    from lmeval_dllm.lm import LOOP_PARAMS, PROPOSAL_PARAMS
-    from lmeval_dllm.samplers import SAMPLERS, sampler_params
+    from lmeval_dllm.decoding import all_decoding_keys
 
-    names = set(LOOP_PARAMS) | set(PROPOSAL_PARAMS)
-    for strategy in SAMPLERS:
-        names |= set(sampler_params(strategy))
-    for cache in CACHES:
-        names |= set(cache_params(cache))
+    names = all_decoding_keys()
     return frozenset(names - set(GenerationConfig().to_dict()))
 
 

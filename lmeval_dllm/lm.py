@@ -10,8 +10,9 @@ Decoding is ``lmeval_dllm.generate.generate``; strategies are ``lmeval_dllm.samp
 Decoding parameters (``gen_length``, ``block_length``, strategy, proposal and cache parameters) may be given in
 ``--model_args`` or carried by a task's ``generation_kwargs`` (and ``--gen_kwargs``, which lm-eval merges into
 them). Precedence: what the user puts in ``--model_args`` > the task's generation kwargs (including
-``--gen_kwargs``) > our defaults. ``gen_length`` defaults to the task's ``max_gen_toks``; a strategy that chooses
-each answer's length itself (DAEDAL) uses neither, and a ``gen_length`` in ``--model_args`` is an error for it.
+``--gen_kwargs``) > our defaults, decided by one function, ``lmeval_dllm.decoding.resolve``. ``gen_length``
+defaults to the task's ``max_gen_toks``; a strategy that chooses each answer's length itself (DAEDAL) uses
+neither, and a ``gen_length`` in ``--model_args`` is an error for it.
 
 Likelihood requests (multiple-choice tasks, perplexity) use the Monte-Carlo estimate of the LLaDA paper's bound
 (``lmeval_dllm.likelihood``). Under ``accelerate launch`` / ``torchrun`` each process takes its share of the
@@ -20,6 +21,7 @@ requests (lm-eval shards them by our global rank) on its own device. See docs/us
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -35,32 +37,29 @@ from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lmeval_dllm.caches import build_cache, cache_class, cache_params, check_compatible
+from lmeval_dllm.caches import build_cache
+from lmeval_dllm.decoding import (  # noqa: F401 - re-exported: lm.py was their home
+    DEFAULT_BLOCK_LENGTH, DEFAULT_MAX_GEN_TOKS, LOOP_PARAMS, MAX_TOKENS_KEYS, PROPOSAL_PARAMS, accepted_params,
+    resolve, split_gen_kwargs,
+)
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.likelihood import MonteCarloLikelihood, estimate, greedy_matches
-from lmeval_dllm.params import coerce, did_you_mean, keyword_params
-from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class, sampler_params
+from lmeval_dllm.params import coerce
 from lmeval_dllm.stats import RequestStats, StatsLog, StatsReporting
 
 # A child of lm-eval's logger, so our INFO lines (the decoding statistics) print with lm-eval's own.
 eval_logger = logging.getLogger("lm_eval.models.dllm")
-
-DEFAULT_BLOCK_LENGTH = 32
 
 # Short names for checkpoints shipped inside the package (no network needed).
 BUNDLED_MODELS = {
     "tiny-llada": os.path.join(os.path.dirname(__file__), "assets", "tiny-llada"),
 }
 
-# Decoding parameters owned by the loop (the rest belong to the proposal, the strategy or the cache).
-LOOP_PARAMS: dict[str, tuple[Any, Any]] = {
-    "gen_length": (Optional[int], None),
-    "block_length": (Optional[int], DEFAULT_BLOCK_LENGTH),
-}
-PROPOSAL_PARAMS = keyword_params(Proposal.from_params)
-# lm-eval's spellings of the generation budget, by priority (as lm-eval's own normalize_gen_kwargs orders them).
-MAX_TOKENS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
-DEFAULT_MAX_GEN_TOKS = 256
+# batch_size=auto: the largest batch tried on a GPU (lm-eval's --max_batch_size overrides it), and the batch used on
+# the CPU, where nothing signals that memory is short (no probing there).
+DEFAULT_MAX_BATCH_SIZE = 64
+CPU_AUTO_BATCH_SIZE = 8
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"  # what lm-eval's command line passes when no --device is given
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
@@ -78,8 +77,12 @@ class DLLM(StatsReporting, TemplateLM):
         pretrained: hub id or local checkpoint directory, or a bundled short name (``tiny-llada``).
         strategy: decoding strategy (``vanilla`` ...). cache: approximate cache name, or none.
         dtype: ``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16``, ``float32``.
-        device: ``cuda``, ``cuda:N``, ``cpu``; default: CUDA when available.
-        batch_size: prompts decoded together (left-padded).
+        device: ``cuda``, ``cuda:N``, ``cpu``; default: CUDA when available. A CUDA device this machine does not
+            have is an error.
+        batch_size: prompts decoded together (left-padded); ``auto``: the largest batch that fits, found by a
+            real decoding step at ``max_batch_size``, halved on CUDA out-of-memory (on the CPU:
+            ``CPU_AUTO_BATCH_SIZE``, no probing); ``auto:N``: detected anew N times over each request group.
+        max_batch_size: the first batch ``auto`` tries (default 64).
         trust_remote_code: let the *tokenizer* run remote code (Dream's tokenizer needs it). Our model
             modules never do.
         max_length: longest prompt + generation (or context + continuation) accepted (default: the model's
@@ -120,9 +123,12 @@ class DLLM(StatsReporting, TemplateLM):
     ):
         super().__init__()
         # 1. Model-level arguments.
-        self.batch_size_per_gpu = coerce("batch_size", batch_size, int)
-        if self.batch_size_per_gpu < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.batch_size_per_gpu, self.batch_schedule = _parse_batch_size(batch_size)
+        self.max_batch_size = coerce("max_batch_size", max_batch_size, Optional[int])
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        self.max_batch_size = self.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        self.batch_sizes: dict[Any, int] = {}  # batch_size=auto: what was detected (lm-eval reports these)
         if str(dtype).lower() not in ("auto", *_DTYPES):
             raise ValueError(f"dtype={dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
         self.trust_remote_code = coerce("trust_remote_code", trust_remote_code, bool)
@@ -139,23 +145,16 @@ class DLLM(StatsReporting, TemplateLM):
             sampling_eps=coerce("sampling_eps", sampling_eps, float),
         )
 
-        # 2. Strategy, cache and decoding parameters: all checked before anything is loaded.
+        # 2. Strategy, cache and decoding parameters: all checked before anything is loaded (lmeval_dllm.decoding).
         self.strategy = strategy
-        sampler_class(strategy)
         self.cache_name = None if cache in (None, "none") else cache
-        check_compatible(sampler_class(strategy), cache_class(self.cache_name))
-        # A name both the cache and the strategy take (d2cache's and the certainty prior's `sigma`) goes to both.
-        cache_kwargs = {k: decoding[k] if k in sampler_params(strategy) else decoding.pop(k)
-                        for k in list(decoding) if k in cache_params(self.cache_name)}
-        self.user_decoding = self._check_decoding(decoding, source="--model_args")
-        chooser = sampler_class(strategy)
-        if chooser.sizes_canvas and "gen_length" in self.user_decoding:
-            raise ValueError(
-                f"strategy {strategy!r} chooses each answer's length itself (initial_gen_length, max_gen_length): "
-                f"gen_length does not apply; remove gen_length={self.user_decoding['gen_length']}"
-            )
-        self._build_decoding(self.user_decoding, gen_length=self.user_decoding.get("gen_length"))
-        self.cache = build_cache(self.cache_name, **cache_kwargs)
+        self.decoding_args = dict(decoding)  # as given; resolved again with each request group's gen kwargs
+        checked = resolve(strategy, self.cache_name, self.decoding_args)
+        self.user_decoding = dict(checked.params)  # the strategy's, proposal's and loop's share, converted
+        self.cache = build_cache(self.cache_name, **checked.cache_params)
+        self._noted: set[str] = set()
+        if _launched_world_size() == 1:
+            self._device = _pick_device(device)
 
         # 3. Checkpoint: config first (cheap), then tokenizer and weights.
         from lmeval_dllm.models import load_model, parse_args, read_config, resolve_checkpoint_dir
@@ -165,12 +164,16 @@ class DLLM(StatsReporting, TemplateLM):
         self.model_args = parse_args(read_config(directory), f"{directory}/config.json")
         self.estimator = dataclasses.replace(self.estimator, scheme=self.model_args.family)
         self.accelerator, self._rank, self._world_size = None, 0, 1
-        self._device = self._setup_processes(device) if _launched_world_size() > 1 else self._pick_device(device)
+        if _launched_world_size() > 1:
+            self._device = self._setup_processes(device)
+        self.max_length = self.max_length_arg or self.model_args.max_position
+        # Lengths against the model's context, before the weights are read: a given length that cannot fit is
+        # an error, a default that does not fit is fitted (a logged note).
+        self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length).notes)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
         self.model = load_model(directory, dtype=torch_dtype, device=self._device)
-        self.max_length = self.max_length_arg or self.model_args.max_position
         self.stop_token_ids = self._stop_token_ids()
         self.generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self.stats = StatsLog()
@@ -180,57 +183,24 @@ class DLLM(StatsReporting, TemplateLM):
     # Arguments
 
     def accepted_decoding_params(self) -> dict[str, tuple[Any, Any]]:
-        return {**LOOP_PARAMS, **PROPOSAL_PARAMS, **sampler_params(self.strategy)}
-
-    def _check_decoding(self, kwargs: dict[str, Any], source: str) -> dict[str, Any]:
-        """Names known for this strategy, values of the declared types; anything else is an error."""
-        accepted = self.accepted_decoding_params()
-        out = {}
-        for name, value in kwargs.items():
-            if name not in accepted:
-                cache_hint = ""
-                if name in cache_params(self.cache_name) or any(name in cache_params(c) for c in _cache_names()):
-                    cache_hint = " (cache parameters go in --model_args, with the cache they belong to)"
-                raise ValueError(
-                    f"unknown parameter {name!r} in {source} for strategy {self.strategy!r}"
-                    f"{did_you_mean(name, accepted)}{cache_hint} accepted decoding parameters: "
-                    f"{', '.join(sorted(accepted))}"
-                )
-            out[name] = coerce(name, value, accepted[name][0])
-        return out
-
-    def _build_decoding(self, params: dict[str, Any], gen_length: Optional[int]):
-        """Validated (GenerationConfig or None, sampler) for the given decoding parameters."""
-        proposal_kw = {k: v for k, v in params.items() if k in PROPOSAL_PARAMS}
-        sampler_kw = {k: v for k, v in params.items() if k in sampler_params(self.strategy)}
-        proposal = Proposal.from_params(**proposal_kw)
-        sampler = build_sampler(self.strategy, proposal, **sampler_kw)
-        config = None
-        if gen_length is not None or sampler.sizes_canvas:
-            block_length = params.get("block_length") or DEFAULT_BLOCK_LENGTH
-            config = GenerationConfig(gen_length=None if sampler.sizes_canvas else gen_length,
-                                      block_length=block_length)
-            sampler.validate_lengths(config.gen_length, config.block_length)
-        return config, sampler
+        return accepted_params(self.strategy)
 
     def _decoding_for(self, gen_kwargs: dict) -> tuple[GenerationConfig, Any, list[str]]:
-        """Resolve one request group's settings: user's --model_args > task gen kwargs > defaults."""
-        kwargs, until, max_gen_toks = split_gen_kwargs(gen_kwargs)
-        task = self._check_decoding(kwargs, source="the task's generation_kwargs / --gen_kwargs")
-        params = {**task, **self.user_decoding}
-        if sampler_class(self.strategy).sizes_canvas:
-            # The strategy picks each answer's length (DAEDAL): the task's fixed length does not apply.
-            eval_logger.info("strategy %r chooses the answer length: the task's gen_length=%s / max_gen_toks=%s "
-                             "are not used", self.strategy, params.get("gen_length"), max_gen_toks)
-            gen_length = None
-        else:
-            gen_length = params.get("gen_length") or max_gen_toks
-            if "block_length" not in params and gen_length % DEFAULT_BLOCK_LENGTH:
-                params["block_length"] = gen_length  # no block size given and 32 does not divide: one block
-        config, sampler = self._build_decoding(params, gen_length)
+        """One request group's settings (``lmeval_dllm.decoding.resolve``: --model_args > task gen kwargs >
+        defaults), its sampler bound to this tokenizer's EOS / end-of-turn ids, and its stop strings."""
+        decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length)
+        self._note(decoding.notes)
+        sampler = decoding.sampler
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-        return config, sampler, handle_stop_sequences(until, eos=eos)
+        return decoding.config, sampler, handle_stop_sequences(list(decoding.until), eos=eos)
+
+    def _note(self, notes) -> None:
+        """Log each decision taken for the user once per model (not once per request group)."""
+        for note in notes:
+            if note not in self._noted:
+                self._noted.add(note)
+                eval_logger.info("dllm: %s", note)
 
     def _setup_processes(self, device: Optional[str]) -> torch.device:
         """Data parallel under ``accelerate launch`` / ``torchrun``: join the process group, take the *global*
@@ -248,15 +218,6 @@ class DLLM(StatsReporting, TemplateLM):
         dev = self.accelerator.device
         eval_logger.info("dllm: process %d of %d on %s", self._rank, self._world_size, dev)
         return torch.device("cpu") if dev.type == "cpu" else dev
-
-    def _pick_device(self, device: Optional[str]) -> torch.device:
-        if device is None or device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            eval_logger.warning("device=%s requested but CUDA is not available: using the CPU", device)
-            return torch.device("cpu")
-        return dev
 
     def _load_tokenizer(self, pretrained: str, revision: Optional[str]):
         import transformers
@@ -363,6 +324,7 @@ class DLLM(StatsReporting, TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
             return []
+        self._calls = getattr(self, "_calls", 0) + 1  # batch_size=auto detects anew for each call (task)
         # Resolve and validate every group's settings before any model work.
         groups = {}
         for req in requests:
@@ -376,9 +338,11 @@ class DLLM(StatsReporting, TemplateLM):
 
         collator = Collator([r.args for r in requests], sort_fn=sort_key, group_by="gen_kwargs",
                             group_fn=lambda a: a[1])
+        batch_fn = None if self.batch_schedule == 0 else \
+            (lambda pos, group: self._auto_batch_size(pos, group, groups))
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dllm generate_until")
         results = []
-        for chunk in collator.get_batched(n=self.batch_size_per_gpu):
+        for chunk in collator.get_batched(n=self.batch_size_per_gpu or 0, batch_fn=batch_fn):
             contexts, all_kwargs = zip(*chunk)
             config, sampler, until = groups[repr(sorted(all_kwargs[0].items(), key=lambda kv: kv[0]))]
             texts = self._generate_batch(list(contexts), config, sampler, until)
@@ -391,6 +355,61 @@ class DLLM(StatsReporting, TemplateLM):
         pbar.close()
         self._log_stats(eval_logger, "dllm")
         return collator.get_original(results)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # batch_size=auto
+
+    def _auto_batch_size(self, pos: int, group: tuple, groups: dict) -> int:
+        """Batch size at position ``pos`` of one request group (sorted longest prompt first), for Collator's
+        ``batch_fn``. ``auto:N`` splits the group into N equal parts and detects at the start of each, on its
+        first (longest) prompt, as HFLM's ``_batch_scheduler`` does; once ``max_batch_size`` fits, it is kept."""
+        key = repr(sorted(group[pos][1].items(), key=lambda kv: kv[0]))
+        part = min(pos * self.batch_schedule // len(group), self.batch_schedule - 1)
+        at = (self._calls, key, part)
+        if at not in self.batch_sizes:
+            if part > 0 and self.batch_sizes.get((self._calls, key, part - 1)) == self.max_batch_size:
+                self.batch_sizes[at] = self.max_batch_size
+            else:
+                start = -(-part * len(group) // self.batch_schedule)  # the part's first position
+                config, sampler, _ = groups[key]
+                self.batch_sizes[at] = self._detect_batch_size(group[start][0], config, sampler)
+        return self.batch_sizes[at]
+
+    def _detect_batch_size(self, context: str, config: GenerationConfig, sampler) -> int:
+        """The largest batch of copies of ``context`` whose first decoding step (this strategy and cache, the
+        widest canvas the strategy may reach) runs without CUDA out-of-memory: ``max_batch_size``, halved on each
+        failure, down to 1. On the CPU, where no error warns of memory running out: ``CPU_AUTO_BATCH_SIZE``."""
+        if not _probes_memory(self._device):
+            size = min(CPU_AUTO_BATCH_SIZE, self.max_batch_size)
+            self._note([f"batch_size=auto on {self._device.type}: {size} (no out-of-memory signal to probe there; "
+                        f"pass an integer batch_size to choose)"])
+            return size
+        longest, what = (config.gen_length, "gen_length") if config.gen_length is not None else \
+            (sampler.max_gen_length, "max_gen_length")
+        ids = self._fit_prompt(context, self.tok_encode(context), longest, what)
+        probe = copy.copy(sampler)
+        if probe.sizes_canvas:  # start as wide as it may grow: the memory of its last steps
+            probe.initial_gen_length = probe.max_gen_length
+        step = probe.step
+
+        def one_step(logits, state):
+            step(logits, state)
+            raise _ProbeDone
+
+        probe.step = one_step
+        generator = torch.Generator(device=self._device).manual_seed(self.seed)  # the run's own RNG is untouched
+
+        def fits(n: int) -> None:
+            try:
+                generate(self.model, torch.tensor([ids] * n, dtype=torch.long), None, probe, config,
+                         stop_token_ids=self.stop_token_ids, cache=self.cache, generator=generator)
+            except _ProbeDone:
+                pass
+
+        size = largest_batch(fits, self.max_batch_size)
+        eval_logger.info("dllm: batch_size=auto: %d (prompt of %d tokens + %s=%d, largest tried %d)", size, len(ids),
+                         what, longest, self.max_batch_size)
+        return size
 
     # ------------------------------------------------------------------------------------------------------------
     # Decoding one batch
@@ -591,6 +610,33 @@ class DLLM(StatsReporting, TemplateLM):
 T = TypeVar("T")
 
 
+class _ProbeDone(Exception):
+    """Raised by batch_size=auto's probe after its one decoding step."""
+
+
+def _probes_memory(device: torch.device) -> bool:
+    """Whether running out of memory on ``device`` raises an error we can catch (CUDA), so a batch size can be
+    found by trying."""
+    return device.type == "cuda"
+
+
+def largest_batch(fits: Callable[[int], None], start: int) -> int:
+    """The first of ``start``, ``start // 2``, ... for which ``fits(n)`` raises no CUDA out-of-memory error; 1 if
+    none does (the run then splits or names the prompt that does not fit alone). Other errors pass through."""
+    n = start
+    while n > 1:
+        failed = False
+        try:
+            fits(n)
+        except torch.cuda.OutOfMemoryError:
+            failed = True
+        if not failed:
+            return n
+        _release_memory()  # outside the handler: the traceback's tensors are already released
+        n //= 2
+    return 1
+
+
 def split_on_oom(
     run: Callable[[int, int], T],
     lo: int,
@@ -644,25 +690,49 @@ def _valid_unicode(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def split_gen_kwargs(gen_kwargs: dict) -> tuple[dict, list[str], int]:
-    """A request's generation kwargs -> (decoding parameters, stop strings, max_gen_toks).
+def _parse_batch_size(batch_size) -> tuple[Optional[int], int]:
+    """``batch_size`` -> (fixed size or None, auto schedule): ``8`` -> (8, 0); ``auto`` -> (None, 1); ``auto:N``
+    -> (None, N), lm-eval's convention (HFLM)."""
+    if isinstance(batch_size, str) and batch_size.strip().lower().startswith("auto"):
+        _, sep, times = batch_size.strip().lower().partition(":")
+        try:
+            schedule = int(times) if sep else 1
+        except ValueError:
+            schedule = 0
+        if schedule < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1, 'auto', or 'auto:N' with N an "
+                             f"integer >= 1 (detect the batch size N times over the run)")
+        return None, schedule
+    try:
+        size = coerce("batch_size", batch_size, int)
+    except ValueError:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1, 'auto' or 'auto:N'") from None
+    if size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, 'auto' or 'auto:N', got {batch_size!r}")
+    return size, 0
 
-    lm-eval's standard keys: ``until``; ``max_gen_toks`` (or ``max_new_tokens`` / ``max_tokens`` /
-    ``max_completion_tokens``); ``do_sample`` (False forces ``temperature=0``, as lm-eval does). Everything else is
-    returned as a decoding parameter, to be validated. The task's lists are never modified.
-    """
-    kwargs = dict(gen_kwargs)
-    until = kwargs.pop("until", None)
-    until = [until] if isinstance(until, str) else list(until or [])
-    budgets = [kwargs.pop(k) for k in MAX_TOKENS_KEYS if k in kwargs]
-    budgets = [b for b in budgets if b is not None]
-    max_gen_toks = int(coerce("max_gen_toks", budgets[0], int)) if budgets else DEFAULT_MAX_GEN_TOKS
-    if kwargs.pop("do_sample", None) is False:
-        kwargs["temperature"] = 0.0
-    return kwargs, until, max_gen_toks
 
-
-def _cache_names():
-    from lmeval_dllm.caches import CACHES
-
-    return list(CACHES)
+def _pick_device(device: Optional[str]) -> torch.device:
+    """``device`` (None / ``auto``: CUDA when available) as a torch device this machine has; else ValueError.
+    ``cuda:0`` without a GPU is the exception, a warning and the CPU: lm-eval's command line passes it when no
+    ``--device`` is given, so it cannot be told apart from a choice."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 and device == LM_EVAL_DEFAULT_DEVICE:
+            # lm-eval's command line passes device='cuda:0' when no --device is given: not a choice to refuse.
+            eval_logger.warning("device=%s (lm-eval's default when no --device is given) but torch sees no GPU: "
+                                "using the CPU", device)
+            return torch.device("cpu")
+        if count == 0:
+            raise ValueError(f"device={device!r}: CUDA is not available on this machine (torch sees no GPU); "
+                             f"available: cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s); available: cpu, cuda, "
+                             f"{', '.join(f'cuda:{i}' for i in range(count))}")
+    return dev

@@ -38,8 +38,15 @@ NOWHERE = "/nonexistent/checkpoint"
     ({"gen_length": 100, "block_length": 32}, ValueError, "gen_length=100 is not divisible by block_length=32"),
     ({"gen_length": 64, "steps": 7}, ValueError, "steps=7 must be at most gen_length=64 and divisible"),
     ({"temperature": -0.5}, ValueError, "temperature must be a finite number >= 0, got -0.5"),
-    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, got 0"),
-    ({"batch_size": "auto"}, ValueError, "batch_size='auto': expected an integer"),
+    ({"batch_size": 0}, ValueError, "batch_size must be an integer >= 1, 'auto' or 'auto:N', got 0"),
+    ({"batch_size": "many"}, ValueError, "batch_size='many': expected an integer >= 1, 'auto' or 'auto:N'"),
+    ({"batch_size": "auto:0"}, ValueError, "batch_size='auto:0': expected an integer >= 1, 'auto', or 'auto:N'"),
+    ({"batch_size": "auto:x"}, ValueError, "batch_size='auto:x': expected an integer >= 1, 'auto', or 'auto:N'"),
+    ({"batch_size": "auto", "max_batch_size": 0}, ValueError, "max_batch_size must be an integer >= 1, got 0"),
+    ({"gen_length": 0}, ValueError, "gen_length must be an integer >= 1, got 0"),
+    ({"block_length": 0}, ValueError, "block_length must be an integer >= 1, got 0"),
+    ({"gen_length": 64, "block_length": 0}, ValueError, "block_length must be an integer >= 1, got 0"),
+    ({"device": "tpu:0"}, ValueError, "device='tpu:0': expected cpu, cuda, cuda:N or auto"),
     ({"dtype": "fp8"}, ValueError, "dtype='fp8': expected one of auto, bfloat16"),
     ({"trust_remote_code": "maybe"}, ValueError, "trust_remote_code='maybe': expected a boolean"),
 ])
@@ -138,10 +145,31 @@ def test_stop_tokens_include_end_of_turn(llada_dir, dream_dir):
     assert make(dream_dir).stop_token_ids.tolist() == [256, 258]  # <|endoftext|>, <|im_end|>
 
 
-def test_cuda_request_without_cuda_falls_back_to_cpu(llada_dir):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present")
-    assert make(llada_dir, device="cuda:0").device == torch.device("cpu")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_request_without_cuda_is_an_error_before_loading(device, monkeypatch):
+    """It used to warn and run on the CPU (a GPU benchmark silently measured the CPU). ``cuda:0`` is lm-eval's
+    command-line default (passed when no --device is given): that one still falls back, with a warning."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match=f"^device='{device}': CUDA is not available on this machine \\(torch sees "
+                                         f"no GPU\\); available: cpu$"):
+        DLLM(pretrained=NOWHERE, device=device)
+
+
+def test_lm_evals_default_device_falls_back_to_the_cpu(llada_dir, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with caplog.at_level("WARNING", logger="lm_eval.models.dllm"):
+        assert make(llada_dir, device="cuda:0").device == torch.device("cpu")
+    assert "device=cuda:0 (lm-eval's default when no --device is given) but torch sees no GPU" in caplog.text
+
+
+def test_cuda_index_past_the_devices_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="^device='cuda:2': this machine has 2 CUDA device\\(s\\); available: cpu, "
+                                         "cuda, cuda:0, cuda:1$"):
+        DLLM(pretrained=NOWHERE, device="cuda:2")
 
 
 def test_model_info_for_results_json(llada_dir):
@@ -160,3 +188,57 @@ def test_split_gen_kwargs_standard_keys_and_no_mutation():
     assert task["until"] == ["Q:"]  # the task's list is untouched
     assert split_gen_kwargs({"until": "\n"}) == ({}, ["\n"], 256)
     assert split_gen_kwargs({"do_sample": True, "temperature": 0.5})[0] == {"temperature": 0.5}
+
+
+# --- lengths: 0 is a value, decisions are logged once, lengths fit the model before any work ------------------------
+
+
+@pytest.mark.parametrize("gen_kwargs, msg", [
+    ({"gen_length": 0}, "gen_length must be an integer >= 1, got 0"),      # was: `or` -> max_gen_toks
+    ({"block_length": 0}, "block_length must be an integer >= 1, got 0"),  # was: `or` -> 32
+    ({"max_gen_toks": 0}, "max_gen_toks=0 in the task's generation_kwargs / --gen_kwargs: the generation budget must"),
+])
+def test_zero_in_the_task_is_an_error_not_a_default(llada_dir, gen_kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        make(llada_dir).generate_until([req("Hi", **gen_kwargs)], disable_tqdm=True)
+
+
+def test_one_block_decision_is_logged_once(llada_dir, caplog):
+    lm = make(llada_dir)
+    with caplog.at_level("INFO", logger="lm_eval.models.dllm"):
+        lm.generate_until([req("Hi", max_gen_toks=24)], disable_tqdm=True)
+        lm.generate_until([req("Ho", max_gen_toks=24)], disable_tqdm=True)
+    note = "gen_length=24 is not a multiple of the default block_length=32 and no block_length was given: one block"
+    assert caplog.text.count(note) == 1
+
+
+def no_model_work(monkeypatch):
+    from lmeval_dllm import lm as lm_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(lm_module, "generate", fail)
+
+
+def test_a_length_that_cannot_fit_fails_before_any_work(llada_dir, monkeypatch):
+    with pytest.raises(ValueError, match="^gen_length=600 from --model_args leaves no room for a prompt in "
+                                         "max_length=512"):
+        make(llada_dir, max_length=512, gen_length=600, block_length=600)  # at start-up
+    lm = make(llada_dir, max_length=512)
+    no_model_work(monkeypatch)
+    with pytest.raises(ValueError, match="^max_gen_toks=512 \\(the generation budget, used as gen_length\\) from the "
+                                         "task's generation_kwargs / --gen_kwargs leaves no room"):
+        lm.generate_until([req("Hi"), req("Hi", max_gen_toks=512)], disable_tqdm=True)
+    with pytest.raises(ValueError, match="^max_gen_length=2048 from --model_args leaves no room for a prompt in "
+                                         "max_length=512; pass max_gen_length=<at most 511> \\(e.g. 256\\)"):
+        make(llada_dir, max_length=512, strategy="daedal", max_gen_length=2048)
+
+
+def test_daedal_default_fits_the_model(llada_dir, caplog):
+    with caplog.at_level("INFO", logger="lm_eval.models.dllm"):
+        lm = make(llada_dir, max_length=512, strategy="daedal")
+    assert "the default max_gen_length=2048 does not fit max_length=512: max_gen_length=256" in caplog.text
+    _, sampler, _ = lm._decoding_for({"until": ["\n\n"], "max_gen_toks": 16})
+    assert (sampler.max_gen_length, sampler.initial_gen_length) == (256, 64)
+    assert make(llada_dir, strategy="daedal")._decoding_for({})[1].max_gen_length == 2048  # max_length 4096

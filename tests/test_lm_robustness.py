@@ -212,7 +212,9 @@ def test_prompt_longer_than_max_length(llada_dir):
     cut = DLLM(pretrained=llada_dir, max_length=20, truncation=True).generate_until([gen_req(prompt)],
                                                                                   disable_tqdm=True)
     assert cut == DLLM(pretrained=llada_dir).generate_until([gen_req(prompt[-12:])], disable_tqdm=True)
-    with pytest.raises(ValueError, match="gen_length=24 leaves no room for a prompt in max_length=20"):
+    with pytest.raises(ValueError, match="max_gen_toks=24 \\(the generation budget, used as gen_length\\) from the "
+                                         "task's generation_kwargs / --gen_kwargs leaves no room for a prompt in "
+                                         "max_length=20"):
         DLLM(pretrained=llada_dir, max_length=20, truncation=True).generate_until([gen_req("x", 24)])
 
 
@@ -301,3 +303,74 @@ def test_resume_after_a_crash(llada_dir, tmp_path):
     gen = local_tasks.read_samples(str(tmp_path / "out"), "tiny_gen")
     reqs = [Instance("generate_until", {}, tuple(s["arguments"]["gen_args_0"].values()), 0) for s in gen]
     assert [s["resps"][0][0] for s in gen] == lm.generate_until(reqs, disable_tqdm=True)
+
+
+# --- batch_size=auto -----------------------------------------------------------------------------------------------
+
+
+def tight_memory(monkeypatch, budget):
+    """CUDA behaviour on the CPU: ``generate`` on more than ``budget`` prompt positions (batch x prompt width) runs
+    out of memory. Returns the batch sizes ``generate`` was called with."""
+    real, calls = lm_module.generate, []
+
+    def generate(model, prompt_ids, *args, **kwargs):
+        calls.append(prompt_ids.shape[0])
+        if prompt_ids.numel() > budget:
+            raise torch.cuda.OutOfMemoryError(OOM)
+        return real(model, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(lm_module, "generate", generate)
+    monkeypatch.setattr(lm_module, "_probes_memory", lambda device: True)
+    return calls
+
+
+def test_batch_size_auto_finds_the_largest_batch_that_fits(llada_dir, monkeypatch):
+    """From max_batch_size (64) down, halving on out-of-memory, with one real decoding step: exactly 8 when more
+    than 8 prompts do not fit; the answers are those of batch size 1."""
+    reqs = [gen_req("same length %02d" % i) for i in range(20)]
+    expected = DLLM(pretrained=llada_dir, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    width = len(DLLM(pretrained=llada_dir).tok_encode("same length 00"))
+    calls = tight_memory(monkeypatch, budget=8 * width)
+    lm = DLLM(pretrained=llada_dir, batch_size="auto")
+    assert lm.generate_until(reqs, disable_tqdm=True) == expected
+    assert calls[:4] == [64, 32, 16, 8] and calls[4:] == [8, 8, 4]  # the probes, then the batches
+    assert [r.batch_size for r in lm.stats.requests] == [8] * 16 + [4] * 4 and lm.stats.oom_splits == 0
+    assert list(lm.batch_sizes.values()) == [8]  # lm-eval puts these in results["config"]["batch_sizes"]
+
+
+def test_batch_size_auto_n_detects_again_on_shorter_prompts(llada_dir, monkeypatch):
+    """auto:2: the sorted requests in two halves, detected at the start of each on its longest prompt (HFLM's
+    schedule); a max_batch_size caps the first try."""
+    reqs = [gen_req("L" * 30 + "%02d" % i) for i in range(8)] + [gen_req("s%02d" % i) for i in range(8)]
+    long_width = len(DLLM(pretrained=llada_dir).tok_encode(reqs[0].args[0]))
+    calls = tight_memory(monkeypatch, budget=4 * long_width)
+    lm = DLLM(pretrained=llada_dir, batch_size="auto:2", max_batch_size=16)
+    lm.generate_until(reqs, disable_tqdm=True)
+    assert calls == [16, 8, 4, 4, 4, 16, 8]  # probes 16, 8, 4 fits; two batches of 4; probe 16 fits; one of 8
+    assert [r.batch_size for r in lm.stats.requests] == [4] * 8 + [8] * 8
+    assert list(lm.batch_sizes.values()) == [4, 16]
+
+
+def test_batch_size_auto_on_the_cpu_is_a_fixed_logged_value(llada_dir, monkeypatch, caplog):
+    calls = []
+    real = lm_module.generate
+    monkeypatch.setattr(lm_module, "generate", lambda model, ids, *a, **k: calls.append(ids.shape[0]) or real(
+        model, ids, *a, **k))
+    lm = DLLM(pretrained=llada_dir, batch_size="auto", device="cpu")
+    with caplog.at_level("INFO", logger="lm_eval.models.dllm"):
+        lm.generate_until([gen_req("q%02d" % i) for i in range(10)], disable_tqdm=True)
+    assert calls == [lm_module.CPU_AUTO_BATCH_SIZE, 2] == [8, 2]  # no probe
+    assert "batch_size=auto on cpu: 8 (no out-of-memory signal to probe there" in caplog.text
+    assert DLLM(pretrained=llada_dir, batch_size="auto", max_batch_size=3)._detect_batch_size("x", None, None) == 3
+
+
+def test_largest_batch():
+    def fits_up_to(limit):
+        def fits(n):
+            if n > limit:
+                raise torch.cuda.OutOfMemoryError(OOM)
+        return fits
+
+    assert [lm_module.largest_batch(fits_up_to(k), 64) for k in (100, 64, 63, 8, 1, 0)] == [64, 64, 32, 8, 1, 1]
+    with pytest.raises(RuntimeError, match="not memory"):
+        lm_module.largest_batch(lambda n: (_ for _ in ()).throw(RuntimeError("not memory")), 8)
