@@ -71,7 +71,8 @@ def resolve_pretrained(pretrained: str) -> str:
 
 @register_model("dllm")
 class DLLM(StatsReporting, TemplateLM):
-    """A diffusion LLM (LLaDA or Dream family) decoded by a pluggable strategy and cache.
+    """A diffusion LLM of a registered family (``lmeval_dllm.models.FAMILIES``: LLaDA, Dream) decoded by a
+    pluggable strategy and cache.
 
     Model arguments (everything else in ``--model_args`` is a decoding parameter, see docs/usage.md):
         pretrained: hub id or local checkpoint directory, or a bundled short name (``tiny-llada``).
@@ -92,6 +93,8 @@ class DLLM(StatsReporting, TemplateLM):
         add_bos_token: prepend BOS when tokenising (default: the tokenizer's own behaviour; never twice).
         seed: seed of the sampling RNG (temperature > 0, random remasking) and of the likelihood estimates.
         stats_path: write per-request statistics as JSON lines to this file.
+        cuda_graphs: replay decode steps as CUDA graphs (default true; false: eager, for debugging or timing).
+        fuse: fused elementwise CUDA kernels (default true; false: the plain PyTorch ops).
         mc_num: Monte-Carlo samples per likelihood request (LLaDA paper: 128; 1 suffices for one-token answers).
         mc_batch_size: samples per stratified group and per forward pass of the likelihood estimate.
         is_check_greedy: also report whether one-token-per-step greedy decoding reproduces the continuation
@@ -119,6 +122,8 @@ class DLLM(StatsReporting, TemplateLM):
         mc_batch_size: int = 32,
         is_check_greedy: bool = False,
         sampling_eps: float = 1e-3,
+        cuda_graphs: bool = True,
+        fuse: bool = True,
         **decoding: Any,
     ):
         super().__init__()
@@ -151,18 +156,22 @@ class DLLM(StatsReporting, TemplateLM):
         self.decoding_args = dict(decoding)  # as given; resolved again with each request group's gen kwargs
         checked = resolve(strategy, self.cache_name, self.decoding_args)
         self.user_decoding = dict(checked.params)  # the strategy's, proposal's and loop's share, converted
-        self.cache = build_cache(self.cache_name, **checked.cache_params)
+        self.cuda_graphs, self.fuse = coerce("cuda_graphs", cuda_graphs, bool), coerce("fuse", fuse, bool)
+        self.cache = build_cache(self.cache_name, cuda_graphs=self.cuda_graphs, **checked.cache_params)
         self._noted: set[str] = set()
         if _launched_world_size() == 1:
             self._device = _pick_device(device)
 
         # 3. Checkpoint: config first (cheap), then tokenizer and weights.
-        from lmeval_dllm.models import load_model, parse_args, read_config, resolve_checkpoint_dir
+        from lmeval_dllm.models import family_for, load_model, read_config, resolve_checkpoint_dir
 
         self.pretrained = resolve_pretrained(pretrained)
         directory = resolve_checkpoint_dir(self.pretrained, revision)
-        self.model_args = parse_args(read_config(directory), f"{directory}/config.json")
-        self.estimator = dataclasses.replace(self.estimator, scheme=self.model_args.family)
+        config = read_config(directory)
+        self.family = family_for(config, f"{directory}/config.json")  # the registered family (models/family.py)
+        self.model_args = self.family.parse_config(config)
+        if self.family.likelihood is not None:  # a family without one still runs every generation task
+            self.estimator = dataclasses.replace(self.estimator, scheme=self.family.likelihood)
         self.accelerator, self._rank, self._world_size = None, 0, 1
         if _launched_world_size() > 1:
             self._device = self._setup_processes(device)
@@ -173,7 +182,7 @@ class DLLM(StatsReporting, TemplateLM):
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
-        self.model = load_model(directory, dtype=torch_dtype, device=self._device)
+        self.model = load_model(directory, dtype=torch_dtype, device=self._device, fuse=self.fuse)
         self.stop_token_ids = self._stop_token_ids()
         self.generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self.stats = StatsLog()
@@ -241,8 +250,9 @@ class DLLM(StatsReporting, TemplateLM):
         return tok
 
     def _eot_id(self) -> Optional[int]:
-        """End-of-turn token of chat models (LLaDA ``<|eot_id|>``, Dream ``<|im_end|>``), if the vocab has one."""
-        for name in ("<|eot_id|>", "<|im_end|>"):
+        """End-of-turn token of chat models (the family's ``end_of_turn``: LLaDA ``<|eot_id|>``, Dream
+        ``<|im_end|>``), if the vocab has one."""
+        for name in self.family.end_of_turn:
             tid = self.tokenizer.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
                 return tid
@@ -515,10 +525,17 @@ class DLLM(StatsReporting, TemplateLM):
     # ------------------------------------------------------------------------------------------------------------
     # Likelihood requests
 
+    def _check_likelihood(self) -> None:
+        if self.family.likelihood is None:
+            raise ValueError(
+                f"model family {self.family.name!r} has no likelihood scheme (Family.likelihood is None): "
+                f"loglikelihood / multiple-choice tasks cannot run on it; generation tasks can")
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """``requests``: ((context, continuation), context ids, continuation ids), from lm-eval's
         ``TemplateLM.loglikelihood`` (BOS / empty-context handling and trailing-space moves done there).
         Returns (estimate of log p(continuation | context), is_greedy) per request, in order."""
+        self._check_likelihood()
         anchor = [self.eot_token_id] if self.estimator.anchors_eos else []
         # Every length is checked before any model work.
         pairs = [self._fit_pair(ctx, cont, anchor) for _, ctx, cont in requests]
@@ -539,6 +556,7 @@ class DLLM(StatsReporting, TemplateLM):
         """Log-likelihood of whole documents: lm-eval's rolling windows (``get_rolling_token_windows``,
         ``make_disjoint_window``; the first conditioned on BOS), each estimated as a continuation of its
         context with the same Monte-Carlo estimator, summed. No EOS anchor: a window does not end the text."""
+        self._check_likelihood()
         out = []
         for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="dllm loglikelihood_rolling"):
             (string,) = req.args

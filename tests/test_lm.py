@@ -242,3 +242,44 @@ def test_daedal_default_fits_the_model(llada_dir, caplog):
     _, sampler, _ = lm._decoding_for({"until": ["\n\n"], "max_gen_toks": 16})
     assert (sampler.max_gen_length, sampler.initial_gen_length) == (256, 64)
     assert make(llada_dir, strategy="daedal")._decoding_for({})[1].max_gen_length == 2048  # max_length 4096
+
+
+# --- the model family decides (lmeval_dllm.models.FAMILIES) -----------------------------------------------------
+
+
+def test_a_family_without_likelihood_runs_generation_and_names_the_gap(llada_dir, tmp_path, monkeypatch):
+    """A newly registered family with no likelihood scheme loads and generates; only loglikelihood requests fail,
+    with the reason (a new family once crashed in likelihood.py at model construction)."""
+    import dataclasses
+    import shutil
+
+    from lmeval_dllm import models
+
+    gen_only = dataclasses.replace(models.FAMILIES["llada"], name="llada_gen", model_types=("llada_gen",),
+                                   architectures=("LLaDAGenModelLM",), likelihood=None)
+    monkeypatch.setitem(models.FAMILIES, "llada_gen", gen_only)
+    d = str(tmp_path / "gen-only")
+    shutil.copytree(llada_dir, d)
+    cfg = json.load(open(f"{d}/config.json"))
+    cfg.update(model_type="llada_gen", architectures=["LLaDAGenModelLM"])
+    json.dump(cfg, open(f"{d}/config.json", "w"))
+    lm = make(d, gen_length=8, block_length=8)
+    assert lm.family is gen_only
+    assert lm.generate_until([req("Hello")], disable_tqdm=True) == \
+        make(llada_dir, gen_length=8, block_length=8).generate_until([req("Hello")], disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"^model family 'llada_gen' has no likelihood scheme \(Family.likelihood "
+                                         r"is None\): loglikelihood / multiple-choice tasks cannot run on it"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("Hello", " world"), 0)])
+
+
+def test_likelihood_scheme_and_end_of_turn_come_from_the_family(llada_dir, dream_dir):
+    llada, dream = make(llada_dir), make(dream_dir)
+    assert (llada.estimator.scheme, dream.estimator.scheme) == ("llada", "dream")
+    assert llada.tokenizer.convert_ids_to_tokens(llada._eot_id()) == "<|eot_id|>"
+    assert dream.tokenizer.convert_ids_to_tokens(dream._eot_id()) == "<|im_end|>"
+
+
+def test_engine_options_reach_the_model_and_the_cache(llada_dir):
+    lm = make(llada_dir, cache="dual", cuda_graphs=False, fuse="false")
+    assert not lm.cache.graphs.enabled and not lm.cache.block_graphs.enabled and lm.model.fuse is False
+    assert make(llada_dir, cache="dual").cache.graphs.enabled
