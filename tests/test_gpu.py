@@ -169,3 +169,27 @@ def test_no_cache_graphs_keep_memory_flat_over_100_prompt_lengths(monkeypatch):
     monkeypatch.setattr(Cache, "setup", lambda self, model, state: None)  # the old behaviour: never drop
     leaky = _memory_over_lengths(model, Cache(), range(40, 60))
     assert leaky[-1] - leaky[4] > 10 * 8 * 2 ** 20  # the check can see a leak: > 8 MiB per length
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_batch_size_auto_finds_a_batch_that_fits_by_real_out_of_memory(tmp_path, cache):
+    """batch_size=auto on a GPU: a probe at max_batch_size runs out of memory for real (CUDA graphs on), is halved
+    until one step fits, and the answers equal a fixed batch size's."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from lmeval_dllm.lm import DLLM
+    from lmeval_dllm.tiny import write_checkpoint
+
+    # ~1.5 GB of weights; one step of 4096 copies of a 900-token canvas needs ~100 GB of activations
+    d = write_checkpoint(str(tmp_path / "mid"), "llada", shards=1, d_model=2048, n_layers=4, n_heads=16,
+                         mlp_hidden_size=4096, embedding_size=32768)
+    requests = [Instance("generate_until", {}, ("Question %d: " % i + "x" * (640 + i), {"until": [], "max_gen_toks": 256}), i)
+                for i in range(6)]
+    common = dict(pretrained=d, cache=cache, gen_length=256, block_length=32, threshold=0.9, device="cuda",
+                  dtype="bfloat16")
+    auto = DLLM(batch_size="auto", max_batch_size=4096, **common)
+    answers = auto.generate_until(requests, disable_tqdm=True)
+    detected = sorted(set(auto.batch_sizes.values()))
+    assert len(detected) == 1 and 1 < detected[0] < 4096, auto.batch_sizes  # something was halved, something fit
+    assert answers == DLLM(batch_size=3, **common).generate_until(requests, disable_tqdm=True)
