@@ -14,14 +14,15 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import dream, llada
+from lmeval_dllm.models import dream, llada, llada_moe
 from lmeval_dllm.models.family import Family, TinyTokenizer
 from lmeval_dllm.models.loading import Slot, load_weights, read_config, resolve_checkpoint_dir
-from lmeval_dllm.models.transformer import DiffusionLM, LayerHooks, ModelArgs
+from lmeval_dllm.models.transformer import DiffusionLM, LayerHooks, ModelArgs, MoEArgs
 
 FAMILIES: dict[str, Family] = {
     llada.FAMILY.name: llada.FAMILY,  # GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5
     dream.FAMILY.name: dream.FAMILY,  # Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B
+    llada_moe.FAMILY.name: llada_moe.FAMILY,  # inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct, -Instruct-TD
 }
 
 
@@ -75,5 +76,5 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "Slot", "TinyTokenizer", "family_for",
+__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "MoEArgs", "Slot", "TinyTokenizer", "family_for",
            "family_named", "load_model", "parse_args", "read_config", "resolve_checkpoint_dir", "supported"]
