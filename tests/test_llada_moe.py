@@ -120,16 +120,18 @@ def test_logits_equal_the_dense_reference(moe_dir):
     assert (ours - ref).abs().max().item() < 2e-5
 
 
-def test_grouped_experts_equal_the_loop(moe_dir):
-    """The GPU path (pairs sorted by expert, torch._grouped_mm) computes the loop's sum; run here on the CPU."""
+def test_gpu_expert_paths_equal_the_loop(moe_dir):
+    """The GPU paths (pairs sorted by expert through torch._grouped_mm; every expert on every token) compute the
+    loop's sum; run here on the CPU."""
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
     moe = load_model(moe_dir).layers[1].moe
     x = torch.randn(37, 64, generator=torch.Generator().manual_seed(3))
     weights, experts = moe.route(x)
     assert len(set(experts.flatten().tolist())) > 4  # many experts are hit
-    torch.testing.assert_close(moe._grouped(x, weights, experts), moe._looped(x, weights, experts),
-                               rtol=0, atol=1e-6)
+    looped = moe._looped(x, weights, experts)
+    torch.testing.assert_close(moe._grouped(x, weights, experts), looped, rtol=0, atol=1e-6)
+    torch.testing.assert_close(moe._dense(x, weights, experts), looped, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("key,value,msg", [

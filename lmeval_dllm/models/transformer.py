@@ -217,6 +217,11 @@ class Block(nn.Module):
         return h + cache.reuse(i, "mlp", rows, ffn)
 
 
+def _has_grouped_mm(device: torch.device) -> bool:
+    """torch._grouped_mm's bfloat16 kernel: torch >= 2.8 on a Hopper (sm90) or newer GPU."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 class MoE(nn.Module):
     """Mixture of SwiGLU experts with a softmax top-k router, as LLaDA-MoE's ``LLaDAMoESparseMoeBlock`` (OLMoE's
     block) computes it, plus its optional shared expert: for each token x,
@@ -227,10 +232,11 @@ class MoE(nn.Module):
     The experts' weights are stacked along dim 0 the way the loader fuses official tensors: ``w13`` (E * 2I, D) =
     [gate_0; up_0; gate_1; up_1; ...] and ``w2`` (E * D, I) = [down_0; down_1; ...].
 
-    Two computations of the same sum: on the CPU (and on a GPU whose torch lacks ``torch._grouped_mm``) a loop
-    over the experts, each running the tokens routed to it and adding into the output in expert order, the
-    release's order (bit-equal to it in bfloat16 on the CPU); on a GPU, the (token, expert) pairs sorted by expert
-    and two grouped matrix products, with no host sync (CUDA graphs capture it) and no Python loop.
+    Three computations of the same sum: on the CPU a loop over the experts, each running the tokens routed to it
+    and adding into the output in expert order, the release's order (bit-equal to it in bfloat16 on the CPU); on
+    a GPU in bfloat16, the (token, expert) pairs sorted by expert and two grouped matrix products
+    (``torch._grouped_mm``); on any other GPU, every expert on every token. The GPU paths have no host sync and
+    no Python loop, so CUDA graphs capture them.
     """
 
     def __init__(self, args: ModelArgs, fuse: bool = True):
@@ -260,10 +266,12 @@ class MoE(nn.Module):
         B, Q, D = x.shape
         flat = x.reshape(-1, D)  # (N, D)
         weights, experts = self.route(flat)
-        if flat.is_cuda and hasattr(torch, "_grouped_mm"):
+        if not flat.is_cuda:
+            out = self._looped(flat, weights, experts)
+        elif flat.dtype == torch.bfloat16 and _has_grouped_mm(flat.device):
             out = self._grouped(flat, weights, experts)
         else:
-            out = self._looped(flat, weights, experts)
+            out = self._dense(flat, weights, experts)
         out = out.view(B, Q, D)
         if self.shared_w13 is not None:
             gate_up = self.shared_w13(x)
@@ -280,6 +288,16 @@ class MoE(nn.Module):
             y = F.linear(swiglu(gate_up), w2[e]) * weights[token, slot, None]  # (n_e, D)
             out.index_add_(0, token, y)
         return out
+
+    def _dense(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, the unchosen ones weighted 0: num_experts / top_k times the work, but
+        static shapes (CUDA graphs) where the grouped kernel is missing (not bfloat16, or before Hopper)."""
+        N, D = flat.shape
+        E, I = self.num_experts, self.inter
+        gate_up = torch.einsum("nd,efd->enf", flat, self.w13.view(E, 2 * I, D))  # (E, N, 2I)
+        y = torch.bmm(swiglu(gate_up), self.w2.view(E, D, I).transpose(1, 2))  # (E, N, D)
+        weight = torch.zeros(N, E, dtype=flat.dtype, device=flat.device).scatter(1, experts, weights)  # (N, E)
+        return (y * weight.T[..., None]).sum(dim=0)
 
     def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         N, D = flat.shape
