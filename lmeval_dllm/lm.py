@@ -94,6 +94,8 @@ class DLLM(StatsReporting, TemplateLM):
         is_check_greedy: also report whether one-token-per-step greedy decoding reproduces the continuation
             (lm-eval's ``is_greedy``); costs one forward pass per continuation token. Off: always False.
         sampling_eps: Dream's lowest mask rate in its likelihood estimate.
+        peft: a LoRA adapter (local directory or hub id) merged into the weights at load, as lm-eval's ``hf``
+            model takes it (``lmeval_dllm/models/lora.py``; needs the ``peft`` package).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class DLLM(StatsReporting, TemplateLM):
         mc_batch_size: int = 32,
         is_check_greedy: bool = False,
         sampling_eps: float = 1e-3,
+        peft: Optional[str] = None,
         **decoding: Any,
     ):
         super().__init__()
@@ -158,18 +161,19 @@ class DLLM(StatsReporting, TemplateLM):
         self.cache = build_cache(self.cache_name, **cache_kwargs)
 
         # 3. Checkpoint: config first (cheap), then tokenizer and weights.
-        from lmeval_dllm.models import load_model, parse_args, read_config, resolve_checkpoint_dir
+        from lmeval_dllm.models import family_named, load_model, parse_args, read_config, resolve_checkpoint_dir
 
         self.pretrained = resolve_pretrained(pretrained)
         directory = resolve_checkpoint_dir(self.pretrained, revision)
         self.model_args = parse_args(read_config(directory), f"{directory}/config.json")
-        self.estimator = dataclasses.replace(self.estimator, scheme=self.model_args.family)
+        self.family = family_named(self.model_args.family)  # issue 13: scheme and end-of-turn from the Family
+        self.estimator = dataclasses.replace(self.estimator, scheme=self.family.likelihood)
         self.accelerator, self._rank, self._world_size = None, 0, 1
         self._device = self._setup_processes(device) if _launched_world_size() > 1 else self._pick_device(device)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
-        self.model = load_model(directory, dtype=torch_dtype, device=self._device)
+        self.model = load_model(directory, dtype=torch_dtype, device=self._device, peft=peft)  # issue 13: LoRA
         self.max_length = self.max_length_arg or self.model_args.max_position
         self.stop_token_ids = self._stop_token_ids()
         self.generator = torch.Generator(device=self._device).manual_seed(self.seed)
@@ -281,7 +285,7 @@ class DLLM(StatsReporting, TemplateLM):
 
     def _eot_id(self) -> Optional[int]:
         """End-of-turn token of chat models (LLaDA ``<|eot_id|>``, Dream ``<|im_end|>``), if the vocab has one."""
-        for name in ("<|eot_id|>", "<|im_end|>"):
+        for name in self.family.end_of_turn:  # issue 13: the family's (LLaDA-MoE: <|role_end|>)
             tid = self.tokenizer.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
                 return tid

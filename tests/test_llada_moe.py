@@ -196,3 +196,21 @@ def test_every_strategy_and_cache_batch_equals_each_prompt_alone(moe_dir, strate
             assert alone.nfe[0] == batch.nfe[i], (strategy, cache, i)
         checked += 1
     assert checked >= 2
+
+
+def test_through_the_lm_eval_model(moe_dir):
+    """``--model dllm`` on the MoE checkpoint: LLaDA's likelihood scheme, <|role_end|> ends an answer, and a
+    generate_until request decodes."""
+    from lm_eval.api.instance import Instance
+
+    from lmeval_dllm.lm import DLLM
+
+    lm = DLLM(pretrained=moe_dir, batch_size=2)
+    assert lm.estimator.scheme == "llada"
+    assert lm.tokenizer.convert_tokens_to_ids("<|role_end|>") in lm.stop_token_ids.tolist()
+    assert lm.tokenizer.eos_token_id in lm.stop_token_ids.tolist()
+    reqs = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 16}), i)
+            for i, p in enumerate(PROMPTS)]
+    answers = lm.generate_until(reqs)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert lm.loglikelihood([Instance("loglikelihood", {}, ("Hi", " there"), 0)])[0][0] < 0
