@@ -100,6 +100,8 @@ class DLLM(StatsReporting, TemplateLM):
         is_check_greedy: also report whether one-token-per-step greedy decoding reproduces the continuation
             (lm-eval's ``is_greedy``); costs one forward pass per continuation token. Off: always False.
         sampling_eps: Dream's lowest mask rate in its likelihood estimate.
+        peft: a LoRA adapter (local directory or hub id) merged into the weights at load, as lm-eval's ``hf``
+            model takes it (``lmeval_dllm/models/lora.py``; needs the ``peft`` package).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class DLLM(StatsReporting, TemplateLM):
         sampling_eps: float = 1e-3,
         cuda_graphs: bool = True,
         fuse: bool = True,
+        peft: Optional[str] = None,
         **decoding: Any,
     ):
         super().__init__()
@@ -182,7 +185,7 @@ class DLLM(StatsReporting, TemplateLM):
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
-        self.model = load_model(directory, dtype=torch_dtype, device=self._device, fuse=self.fuse)
+        self.model = load_model(directory, dtype=torch_dtype, device=self._device, fuse=self.fuse, peft=peft)
         self.stop_token_ids = self._stop_token_ids()
         self.generator = torch.Generator(device=self._device).manual_seed(self.seed)
         self.stats = StatsLog()

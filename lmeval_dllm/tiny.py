@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import FAMILIES, family_for, family_named
+from lmeval_dllm.models import FAMILIES, DiffusionLM, family_for, family_named
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -73,10 +73,13 @@ def random_official_weights(config: dict, *, seed: int = 0, std: float = 0.5) ->
     """Random weights under the official names for ``config`` (norm weights near 1)."""
     family = family_for(config)
     args = family.parse_config(config)
+    with torch.device("meta"):
+        params = dict(DiffusionLM(args, fuse=False).named_parameters())
+    params.setdefault("output.weight", params["tok_embeddings.weight"])  # a tied head is listed once
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, slot in family.weight_names(args).items():
-        shape = _official_shape(args, name, slot)
+        shape = _official_shape(params[slot.name], slot)
         if "norm" in name:
             tensors[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
@@ -86,22 +89,9 @@ def random_official_weights(config: dict, *, seed: int = 0, std: float = 0.5) ->
     return tensors
 
 
-def _official_shape(args, name: str, slot) -> tuple[int, ...]:
-    dims = {
-        "tok_embeddings.weight": (args.vocab_size, args.dim),
-        "norm.weight": (args.dim,),
-        "output.weight": (args.vocab_size, args.dim),
-    }
-    if slot.name in dims:
-        return dims[slot.name]
-    leaf = slot.name.split(".", 2)[2]  # e.g. "wqkv.weight"
-    if slot.parts > 1:
-        return (slot.rows, args.dim) if leaf.endswith("weight") else (slot.rows,)
-    return {
-        "attn_norm.weight": (args.dim,), "mlp_norm.weight": (args.dim,),
-        "wo.weight": (args.dim, args.n_heads * args.head_dim),
-        "w2.weight": (args.dim, args.intermediate_size),
-    }[leaf]
+def _official_shape(param: torch.Tensor, slot) -> tuple[int, ...]:
+    """Shape of the official tensor that fills ``slot`` of ``param`` (a piece of it, when fused along dim 0)."""
+    return tuple(param.shape) if slot.parts == 1 else (slot.rows,) + tuple(param.shape[1:])
 
 
 def official_state_dict(model, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:

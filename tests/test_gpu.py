@@ -12,7 +12,7 @@ import torch
 
 from lmeval_dllm.caches import Cache, build_cache, check_compatible
 from lmeval_dllm.generate import GenerationConfig, generate
-from lmeval_dllm.models import DiffusionLM, ModelArgs
+from lmeval_dllm.models import DiffusionLM, ModelArgs, MoEArgs
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,6 +26,13 @@ SHAPES = {
                   vocab_size=512, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, rope_fp32=False,
                   tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501, pad_token_id=501,
                   logit_shift=1),
+    # bfloat16 takes the grouped-matmul experts, float32 every expert on every token (transformer.MoE)
+    "llada_moe": dict(family="llada_moe", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
+                      vocab_size=512, rope_theta=50000.0, norm_eps=1e-5, qkv_bias=False, rope_fp32=False,
+                      tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
+                      pad_token_id=501, logit_shift=0, qk_norm=True,
+                      moe=MoEArgs(num_experts=8, top_k=2, expert_intermediate_size=32, shared_intermediate_size=48,
+                                  norm_topk_prob=False, layers=(False, True))),
 }
 # Strategies checked with every cache they can use (lengths 32 / 8; DAEDAL from 8, at most 32).
 STRATEGIES = {
@@ -80,7 +87,7 @@ def decode(model, strategy, cache, batch):
     return out.tokens.cpu(), seen
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
 def test_fused_kernels_match_the_plain_ops(family):
     first, _ = batches(random_model(family))
     fused, fused_logits = decode(random_model(family), "vanilla", Cache(cuda_graphs=False), first)
@@ -89,7 +96,7 @@ def test_fused_kernels_match_the_plain_ops(family):
     assert max((a - b).abs().max().item() for a, b in zip(fused_logits, plain_logits)) <= 1e-3
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
     """With CUDA graphs, every cache gives the logits and tokens it gives eagerly, also when one cache object
@@ -193,3 +200,18 @@ def test_batch_size_auto_finds_a_batch_that_fits_by_real_out_of_memory(tmp_path,
     detected = sorted(set(auto.batch_sizes.values()))
     assert len(detected) == 1 and 1 < detected[0] < 4096, auto.batch_sizes  # something was halved, something fit
     assert answers == DLLM(batch_size=3, **common).generate_until(requests, disable_tqdm=True)
+
+
+def test_moe_grouped_experts_in_bfloat16_under_cuda_graphs():
+    """LLaDA-MoE in bfloat16 takes the grouped-matmul experts: equal to every expert on every token, and CUDA
+    graphs replay it with the eager tokens (no host sync inside the step)."""
+    model = random_model("llada_moe", dtype=torch.bfloat16)
+    moe = model.layers[1].moe
+    x = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    weights, experts = moe.route(x)
+    assert (moe._grouped(x, weights, experts) - moe._dense(x, weights, experts)).abs().max().item() <= 2e-2
+    first, _ = batches(model)
+    for name, kw in CACHES[:5]:
+        eager, _ = decode(model, "vanilla", build_cache(name, cuda_graphs=False, **kw), first)
+        graphed, _ = decode(model, "vanilla", build_cache(name, **kw), first)
+        assert torch.equal(eager, graphed), name

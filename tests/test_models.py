@@ -126,17 +126,26 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
         f"unsupported checkpoint in {d}/config.json (model_type 'llama', architectures ['LLaDAModelLM']); supported: "
         "llada (model_type 'llada', architectures LLaDAModelLM: GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, "
         "GSAI-ML/LLaDA-1.5); dream (model_type 'Dream', architectures DreamModel: Dream-org/Dream-v0-Base-7B, "
-        "Dream-org/Dream-v0-Instruct-7B)")
+        "Dream-org/Dream-v0-Instruct-7B); llada_moe (model_type 'llada', architectures LLaDAMoEModelLM, "
+        "LLaDAMoEModel: inclusionAI/LLaDA-MoE-7B-A1B-Base, inclusionAI/LLaDA-MoE-7B-A1B-Instruct, "
+        "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD)")
 
 
 def test_same_model_type_other_architecture_is_not_loaded_as_the_dense_family(llada_dir, tmp_path):
-    """LLaDA-MoE's config.json also says model_type "llada": its architecture decides, not the string."""
+    """LLaDA-MoE's config.json also says model_type "llada": its architecture decides, not the string. A dense
+    LLaDA config labelled LLaDAMoEModelLM is read as LLaDA-MoE (never as dense LLaDA) and fails naming what it
+    lacks; an architecture no family reads is unsupported."""
     d = _copy(llada_dir, tmp_path)
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["architectures"] = ["LLaDAMoEModelLM"]
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"^LLaDA-MoE config.json \(architectures \['LLaDAMoEModelLM'\]\) lacks "
+                                         r"hidden_size, num_hidden_layers, "):
+        load_model(d)
+    cfg["architectures"] = ["LLaDA2MoeModelLM"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     with pytest.raises(ValueError, match=r"^unsupported checkpoint in .*config.json \(model_type 'llada', "
-                                         r"architectures \['LLaDAMoEModelLM'\]\); supported: llada "):
+                                         r"architectures \['LLaDA2MoeModelLM'\]\); supported: llada "):
         load_model(d)
 
 

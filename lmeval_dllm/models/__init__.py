@@ -14,14 +14,16 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import dream, llada
+from lmeval_dllm.models import dream, llada, llada_moe
 from lmeval_dllm.models.family import Family, TinyTokenizer
 from lmeval_dllm.models.loading import Slot, load_weights, read_config, resolve_checkpoint_dir
-from lmeval_dllm.models.transformer import DiffusionLM, LayerHooks, ModelArgs
+from lmeval_dllm.models.lora import lora_deltas
+from lmeval_dllm.models.transformer import DiffusionLM, LayerHooks, ModelArgs, MoEArgs
 
 FAMILIES: dict[str, Family] = {
     llada.FAMILY.name: llada.FAMILY,  # GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5
     dream.FAMILY.name: dream.FAMILY,  # Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B
+    llada_moe.FAMILY.name: llada_moe.FAMILY,  # inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct, -Instruct-TD
 }
 
 
@@ -61,19 +63,23 @@ def load_model(
     device: torch.device | str = "cpu",
     revision: Optional[str] = None,
     fuse: bool = True,
+    peft: Optional[str] = None,
 ) -> DiffusionLM:
     """Load a checkpoint of a registered family (hub id or local directory) into our module, in eval mode.
-    ``fuse``: fused elementwise CUDA kernels (``models/kernels.py``)."""
+    ``fuse``: fused elementwise CUDA kernels (``models/kernels.py``). ``peft``: a LoRA adapter (local directory or
+    hub id) merged into the official weights (``models/lora.py``; needs the ``peft`` package)."""
     directory = resolve_checkpoint_dir(pretrained, revision)
     config = read_config(directory)
     family = family_for(config, f"{directory}/config.json")
     args = family.parse_config(config)
+    names = family.weight_names(args)
+    deltas = lora_deltas(peft, set(names), revision=revision) if peft else None
     with torch.device("meta"):
         model = DiffusionLM(args, fuse=fuse)
-    load_weights(model, directory, family.weight_names(args), device=torch.device(device), dtype=dtype,
-                 ignore=family.ignore)
+    load_weights(model, directory, names, device=torch.device(device), dtype=dtype, ignore=family.ignore,
+                 deltas=deltas)
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "Slot", "TinyTokenizer", "family_for",
+__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "MoEArgs", "Slot", "TinyTokenizer", "family_for",
            "family_named", "load_model", "parse_args", "read_config", "resolve_checkpoint_dir", "supported"]

@@ -73,12 +73,14 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     ignore: Callable[[str], bool] = lambda name: False,
+    deltas: Optional[dict[str, torch.Tensor]] = None,
 ) -> None:
     """Load an official checkpoint into ``model`` (built on the meta device), checking every name and shape.
 
     ``weight_names`` maps every official tensor name to the :class:`Slot` it fills. A tensor in the files that
     is not in the map (and not ``ignore``-d), a name of the map missing from the files, or a shape that differs
-    from what config.json implies is an error naming the official key.
+    from what config.json implies is an error naming the official key. ``deltas`` ({official name: tensor of
+    its shape}, a merged LoRA adapter: ``models/lora.py``) are added to those tensors, in float32, before fusion.
     """
     from safetensors import safe_open
 
@@ -96,7 +98,13 @@ def load_weights(
                         f"unexpected weight {key!r} in {os.path.basename(path)}: not part of the "
                         f"{model.args.family} architecture that config.json describes"
                     )
-                tensor = f.get_tensor(key).to(dtype)
+                tensor = f.get_tensor(key)
+                if deltas and key in deltas:
+                    if deltas[key].shape != tensor.shape:
+                        raise ValueError(f"the adapter's update of {key!r} has shape {tuple(deltas[key].shape)}, "
+                                         f"but the checkpoint's tensor has {tuple(tensor.shape)}")
+                    tensor = tensor.float() + deltas[key].to(tensor.device)
+                tensor = tensor.to(dtype)
                 expected = _part_shape(params[slot.name], slot)
                 if tuple(tensor.shape) != expected:
                     raise ValueError(

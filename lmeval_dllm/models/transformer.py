@@ -37,6 +37,20 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 @dataclass(frozen=True)
+class MoEArgs:
+    """A mixture-of-experts MLP (LLaDA-MoE; OLMoE-style routing): a softmax router over ``num_experts`` SwiGLU
+    experts, each token's ``top_k`` most probable experts run and are summed, weighted by their probabilities,
+    plus an optional shared expert every token runs."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    shared_intermediate_size: Optional[int]  # None: no shared expert
+    norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
+    layers: tuple[bool, ...]  # per layer: True = MoE MLP, False = the dense MLP (ModelArgs.intermediate_size)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     family: str  # the registered family's name ("llada", "dream"; lmeval_dllm.models.FAMILIES)
     dim: int
@@ -55,6 +69,8 @@ class ModelArgs:
     eos_token_id: Optional[int]
     pad_token_id: Optional[int]
     logit_shift: int  # 0: row i predicts position i (LLaDA); 1: row i-1 predicts position i (Dream)
+    qk_norm: bool = False  # RMSNorm over each head's q and k (one weight of head_dim shared by the heads), before RoPE
+    moe: Optional[MoEArgs] = None  # None: every layer has the dense SwiGLU MLP
 
     @property
     def head_dim(self) -> int:
@@ -115,15 +131,25 @@ class Block(nn.Module):
         self.wqkv = nn.Linear(args.dim, q_dim + 2 * kv_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(q_dim, args.dim, bias=False)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps, fuse)
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # [gate; up]
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        # Per-head q/k RMSNorm (LLaDA-MoE's qk_layernorm); None for LLaDA and Dream.
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps, fuse) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps, fuse) if args.qk_norm else None
+        if args.moe is not None and args.moe.layers[layer_idx]:
+            self.moe = MoE(args, fuse)
+        else:
+            self.moe = None
+            self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # [gate; up]
+            self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """h (B, Q, D) -> q (B, Hq, Q, Dh), k and v (B, Hkv, Q, Dh); RoPE applied to q and k."""
         B, Q, _ = h.shape
         q, k, v = self.wqkv(self.attn_norm(h)).split(self.qkv_split, dim=-1)
-        q = q.view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(B, Q, self.n_heads, self.head_dim)
+        k = k.view(B, Q, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # over head_dim, before RoPE (modeling_lladamoe.py: q_norm(q.reshape(-1, Dh)))
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         rope = rope_fp32 if self.rope_fp32 else rope_native  # LLaDA rotates in float32, Dream in the model dtype
         q, k = kernel(rope, q, self.fuse)(q, k, cos, sin)
@@ -156,7 +182,10 @@ class Block(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input. (B, Q, D) -> (B, Q, D)."""
+        """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input, or the mixture of experts (:class:`MoE`).
+        (B, Q, D) -> (B, Q, D)."""
+        if self.moe is not None:
+            return self.moe(self.mlp_norm(h))
         gate_up = self.w13(self.mlp_norm(h))
         return self.w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
 
@@ -186,6 +215,106 @@ class Block(nn.Module):
         h = h + cache.reuse(i, "attn", rows, attn)
         ffn = self.mlp(gather_rows(h, rows.index)) if rows.count else None
         return h + cache.reuse(i, "mlp", rows, ffn)
+
+
+def _has_grouped_mm(device: torch.device) -> bool:
+    """torch._grouped_mm's bfloat16 kernel: torch >= 2.8 on a Hopper (sm90) or newer GPU."""
+    return hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+class MoE(nn.Module):
+    """Mixture of SwiGLU experts with a softmax top-k router, as LLaDA-MoE's ``LLaDAMoESparseMoeBlock`` (OLMoE's
+    block) computes it, plus its optional shared expert: for each token x,
+
+        p = softmax(router(x)) in float32,  (w, e) = top_k(p)  (w / sum(w) if norm_topk_prob),
+        y = sum_j w_j * expert_{e_j}(x) + shared(x).
+
+    The experts' weights are stacked along dim 0 the way the loader fuses official tensors: ``w13`` (E * 2I, D) =
+    [gate_0; up_0; gate_1; up_1; ...] and ``w2`` (E * D, I) = [down_0; down_1; ...].
+
+    Three computations of the same sum: on the CPU a loop over the experts, each running the tokens routed to it
+    and adding into the output in expert order, the release's order (bit-equal to it in bfloat16 on the CPU); on
+    a GPU in bfloat16, the (token, expert) pairs sorted by expert and two grouped matrix products
+    (``torch._grouped_mm``); on any other GPU, every expert on every token. The GPU paths have no host sync and
+    no Python loop, so CUDA graphs capture them.
+    """
+
+    def __init__(self, args: ModelArgs, fuse: bool = True):
+        super().__init__()
+        m = args.moe
+        self.fuse = fuse
+        self.num_experts, self.top_k, self.norm_topk_prob = m.num_experts, m.top_k, m.norm_topk_prob
+        self.inter = m.expert_intermediate_size
+        self.gate = nn.Linear(args.dim, m.num_experts, bias=False)  # the router
+        self.w13 = nn.Parameter(torch.empty(m.num_experts * 2 * self.inter, args.dim))
+        self.w2 = nn.Parameter(torch.empty(m.num_experts * args.dim, self.inter))
+        self.shared_w13 = self.shared_w2 = None
+        if m.shared_intermediate_size:
+            self.shared_w13 = nn.Linear(args.dim, 2 * m.shared_intermediate_size, bias=False)
+            self.shared_w2 = nn.Linear(m.shared_intermediate_size, args.dim, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D) -> the top-k routing weights (N, k) in x's dtype and the experts chosen (N, k) long."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, Q, D), already normed -> (B, Q, D)."""
+        B, Q, D = x.shape
+        flat = x.reshape(-1, D)  # (N, D)
+        weights, experts = self.route(flat)
+        if not flat.is_cuda:
+            out = self._looped(flat, weights, experts)
+        elif flat.dtype == torch.bfloat16 and _has_grouped_mm(flat.device):
+            out = self._grouped(flat, weights, experts)
+        else:
+            out = self._dense(flat, weights, experts)
+        out = out.view(B, Q, D)
+        if self.shared_w13 is not None:
+            gate_up = self.shared_w13(x)
+            out = out + self.shared_w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
+        return out
+
+    def _looped(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        D, I = flat.shape[1], self.inter
+        w13, w2 = self.w13.view(self.num_experts, 2 * I, D), self.w2.view(self.num_experts, D, I)
+        out = torch.zeros_like(flat)
+        for e in range(self.num_experts):
+            token, slot = torch.where(experts == e)  # a token picks an expert at most once
+            gate_up = F.linear(flat[token], w13[e])  # (n_e, 2I)
+            y = F.linear(swiglu(gate_up), w2[e]) * weights[token, slot, None]  # (n_e, D)
+            out.index_add_(0, token, y)
+        return out
+
+    def _dense(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, the unchosen ones weighted 0: num_experts / top_k times the work, but
+        static shapes (CUDA graphs) where the grouped kernel is missing (not bfloat16, or before Hopper)."""
+        N, D = flat.shape
+        E, I = self.num_experts, self.inter
+        gate_up = torch.einsum("nd,efd->enf", flat, self.w13.view(E, 2 * I, D))  # (E, N, 2I)
+        y = torch.bmm(swiglu(gate_up), self.w2.view(E, D, I).transpose(1, 2))  # (E, N, D)
+        weight = torch.zeros(N, E, dtype=flat.dtype, device=flat.device).scatter(1, experts, weights)  # (N, E)
+        return (y * weight.T[..., None]).sum(dim=0)
+
+    def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        N, D = flat.shape
+        E, I, k = self.num_experts, self.inter, self.top_k
+        pair_expert = experts.reshape(-1)  # (N*k,) the expert of each (token, slot) pair
+        order = pair_expert.argsort(stable=True)  # pairs grouped by expert
+        counts = torch.zeros(E, dtype=torch.int32, device=flat.device)
+        counts.scatter_add_(0, pair_expert, torch.ones_like(pair_expert, dtype=torch.int32))  # no host sync
+        offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's group
+        xs = flat[order // k]  # (N*k, D)
+        w13 = self.w13.view(E, 2 * I, D).transpose(1, 2)  # (E, D, 2I)
+        w2 = self.w2.view(E, D, I).transpose(1, 2)  # (E, I, D)
+        h = torch._grouped_mm(xs, w13, offs=offs)  # (N*k, 2I)
+        h = torch._grouped_mm(swiglu(h), w2, offs=offs)  # (N*k, D)
+        h = h * weights.reshape(-1)[order, None]
+        pairs = torch.empty_like(h).index_copy_(0, order, h)  # back to (token, slot) order: deterministic sum
+        return pairs.view(N, k, D).sum(dim=1)
 
 
 class DiffusionLM(nn.Module):
