@@ -55,11 +55,12 @@ def test_default_names_and_directories():
 
 def test_the_bundled_matrices_parse():
     m = load_matrix(DEFAULT_MATRIX)
-    assert len(m.cells()) == 7 and m.limit == 32
+    assert len(m.cells()) == 12 and m.limit == 32
+    assert sorted({c.strategy.family for c in m.cells()}) == ["eb-sampler", "fast-dllm", "vanilla"]
     assert m.include_path == (os.path.abspath(os.path.join(os.path.dirname(DEFAULT_MATRIX), "..", "..",
                                                            "task_configs")),)
     full = load_matrix(os.path.join(os.path.dirname(__file__), "..", "examples", "leaderboard_full.yaml"))
-    assert len(full.cells()) == 44 and full.num_processes == 8
+    assert len(full.cells()) == 76 and full.num_processes == 8
     assert [c.model.pretrained for c in full.cells() if c.kind == "ar"] == [
         "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct",
         "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"]
