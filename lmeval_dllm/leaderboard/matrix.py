@@ -554,7 +554,7 @@ class _Parser:
         if value is None:
             return []
         known = {"model": [m.name for m in models],
-                 "strategy": list(dict.fromkeys(n for s in strategies for n in (s.name, s.family))),
+                 "strategy": list(dict.fromkeys([s.name for s in strategies] + [s.family for s in strategies])),
                  "cache": [c.name for c in caches], "task": [t.name for t in tasks]}
         plural = {"model": "models", "strategy": "strategies", "cache": "caches", "task": "tasks"}
         out = []
