@@ -5,6 +5,9 @@
 #   ./run_eval.sh                                   # the bundled tiny leaderboard (CPU, offline, a few minutes)
 #   ./run_eval.sh examples/leaderboard_full.yaml    # a matrix file
 #   ./run_eval.sh MATRIX.yaml --out runs/full --num_processes 8 --limit 100
+#   ./run_eval.sh invariance [MATRIX.yaml] [--out DIR]   # rerun a sample of every cell at batch size 1, count
+#                                                       # the answers that differ (must be 0 at temperature 0)
+#   ./run_eval.sh table|check [MATRIX.yaml] [...]         # rebuild the table / check a matrix
 #
 # Rerunning the same command skips finished cells and retries failed ones. Exit status 1 if any cell failed.
 # The logic is Python (lmeval_dllm/leaderboard/); this script only picks the interpreter and passes arguments on.
@@ -13,6 +16,11 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python=python  # the active environment's (a virtualenv's python is first on PATH)
 command -v "$python" >/dev/null || python=python3
 
+command=run
+if [[ $# -gt 0 && ( "$1" == invariance || "$1" == table || "$1" == check ) ]]; then
+    command="$1"
+    shift
+fi
 matrix=()
 if [[ $# -gt 0 && "$1" != -* ]]; then
     matrix=("$1")
@@ -28,4 +36,4 @@ if [[ ${#matrix[@]} -eq 0 ]]; then
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-exec "$python" -m lmeval_dllm.leaderboard run "${matrix[@]}" "$@"
+exec "$python" -m lmeval_dllm.leaderboard "$command" "${matrix[@]}" "$@"

@@ -95,12 +95,14 @@ def all_decoding_keys() -> frozenset[str]:
     return frozenset(names)
 
 
-def check_strategy(strategy: str, params: Mapping[str, Any]) -> None:
+def check_strategy(strategy: str, params: Mapping[str, Any], cache: Optional[str] = None) -> None:
     """Raise ValueError unless ``strategy`` exists and takes ``params`` (names, types, ranges), through the
-    same constructors as a run. Lengths that depend on a task (``gen_length`` against ``steps``) are checked
-    when they are known, by :func:`resolve`."""
+    same constructors as a run, and, with ``cache`` (a name, ``none`` for none), unless the pair can run. Lengths
+    that depend on a task (``gen_length`` against ``steps``) are checked when they are known, by :func:`resolve`."""
     checked = _check_names(strategy, None, params, source=None)
     _build_sampler(strategy, checked)
+    if cache is not None:
+        check_compatible(sampler_class(strategy), cache_class(None if cache == "none" else cache))
 
 
 def check_cache(cache: Optional[str], params: Mapping[str, Any]) -> None:

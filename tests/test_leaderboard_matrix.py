@@ -55,11 +55,12 @@ def test_default_names_and_directories():
 
 def test_the_bundled_matrices_parse():
     m = load_matrix(DEFAULT_MATRIX)
-    assert len(m.cells()) == 7 and m.limit == 32
+    assert len(m.cells()) == 12 and m.limit == 32
+    assert sorted({c.strategy.family for c in m.cells()}) == ["eb-sampler", "fast-dllm", "vanilla"]
     assert m.include_path == (os.path.abspath(os.path.join(os.path.dirname(DEFAULT_MATRIX), "..", "..",
                                                            "task_configs")),)
     full = load_matrix(os.path.join(os.path.dirname(__file__), "..", "examples", "leaderboard_full.yaml"))
-    assert len(full.cells()) == 44 and full.num_processes == 8
+    assert len(full.cells()) == 76 and full.num_processes == 8
     assert [c.model.pretrained for c in full.cells() if c.kind == "ar"] == [
         "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct",
         "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"]
@@ -131,3 +132,76 @@ def test_missing_file_and_include_path(tmp_path):
         load_matrix(str(path))
     (tmp_path / "tasks").mkdir()
     assert load_matrix(str(path)).include_path == (str(tmp_path / "tasks"),)
+
+
+SWEEP = """\
+tasks: [t]
+models: [m]
+strategies:
+  - {name: vanilla, strategy: vanilla, caches: [none]}
+  - {name: fast, strategy: vanilla, params: {threshold: [0.5, 0.9], block_length: 8}}
+  - {strategy: eb_sampler, params: {gamma: [0.01, 1]}, caches: [none]}
+caches: [none, dual]
+exclude: [{strategy: fast threshold=0.5, cache: dual}]
+"""
+
+
+def test_a_list_of_values_is_a_sweep():
+    m = parse_matrix(SWEEP, "m.yaml")
+    cells = m.cells()
+    assert [c.label for c in cells] == [
+        "t | m | vanilla | none", "t | m | fast threshold=0.5 | none", "t | m | fast threshold=0.9 | none",
+        "t | m | fast threshold=0.9 | dual", "t | m | eb_sampler gamma=0.01 | none",
+        "t | m | eb_sampler gamma=1 | none"]
+    # one value per cell, the other parameters shared; the entry's name is the family (one curve)
+    assert cells[2].model_args() == {"pretrained": "m", "strategy": "vanilla", "threshold": 0.9, "block_length": 8}
+    assert [c.strategy.family for c in cells] == ["vanilla", "fast", "fast", "fast", "eb_sampler gamma=[0.01, 1]",
+                                                  "eb_sampler gamma=[0.01, 1]"]
+    assert cells[3].path == os.path.join("t", "m", "fast_threshold=0.9--dual")
+    # several lists: every combination, in the order written; `family:` names the curve
+    m = parse_matrix("tasks: [t]\nmodels: [m]\nstrategies:\n  - {name: s, family: fast, strategy: vanilla, "
+                     "params: {threshold: [0.5, 0.9], block_length: [8, 16]}}\n", "m.yaml")
+    assert [(c.strategy.name, c.strategy.family) for c in m.cells()] == [
+        ("s threshold=0.5 block_length=8", "fast"), ("s threshold=0.5 block_length=16", "fast"),
+        ("s threshold=0.9 block_length=8", "fast"), ("s threshold=0.9 block_length=16", "fast")]
+    # a family can be excluded as a whole
+    m = parse_matrix(SWEEP.replace("strategy: fast threshold=0.5, cache: dual", "strategy: fast, cache: dual"),
+                     "m.yaml")
+    assert [c.label for c in m.cells() if c.cache.name == "dual"] == []
+
+
+@pytest.mark.parametrize("params, message", [
+    # every value passes the check a single value does, and the error says which
+    ("{threshold: [0.5, 1.5]}", "m.yaml:4: strategies[0]: threshold must be in [0, 1] (a probability), got 1.5"),
+    ("{treshold: [0.5]}", "m.yaml:4: strategies[0]: unknown parameter 'treshold' for strategy 'vanilla'; did you "
+                          "mean 'threshold'?"),
+    ("{threshold: []}", "m.yaml:4: strategies[0].params: threshold: an empty list sweeps nothing; give at least one "
+                        "value"),
+    ("{threshold: [0.5, 0.5]}", "m.yaml:4: strategies[0].params: threshold: a value is listed twice in [0.5, 0.5]"),
+    ("{threshold: [[0.5]]}", "m.yaml:4: strategies[0].params: threshold: expected a single value or a list of "
+                             "values, got a list"),
+])
+def test_sweep_errors(params, message):
+    with pytest.raises(MatrixError) as info:
+        parse_matrix(f"tasks: [t]\nmodels: [m]\nstrategies:\n  - {{strategy: vanilla, params: {params}}}\n", "m.yaml")
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_only_strategy_parameters_sweep():
+    with pytest.raises(MatrixError) as info:
+        parse_matrix("tasks: [t]\nmodels: [m]\ncaches:\n  - {cache: prefix, params: {refresh_interval: [2, 4]}}\n",
+                     "m.yaml")
+    assert str(info.value) == "m.yaml:4: caches[0].params: refresh_interval: expected a single value, got a list"
+
+
+def test_allowed_keys_are_the_dataclass_fields():
+    from dataclasses import fields
+
+    from lmeval_dllm.leaderboard.matrix import Matrix, Strategy, _keys
+
+    assert _keys(Matrix) == tuple(f.name for f in fields(Matrix))[1:]  # all but `path`
+    assert _keys(Strategy) == ("name", "strategy", "params", "caches", "family")
+    with pytest.raises(MatrixError) as info:
+        parse_matrix("tasks: [t]\nmodels: [m]\nstrategies:\n  - {strategy: vanilla, famly: x}\n", "m.yaml")
+    assert str(info.value) == ("m.yaml:4: strategies[0]: unknown key 'famly'; did you mean 'family'? allowed: name, "
+                               "strategy, params, caches, family")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -81,6 +82,7 @@ def test_resume_and_failures(tmp_path, fake_lm_eval, monkeypatch, capsys):
     path.write_text(MATRIX)
     out = tmp_path / "out"
     runs = out / "runs.txt"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the record's device: the CPU even where there is a GPU
 
     # 1. First run: every cell runs; the failing one is recorded and does not stop the others.
     assert cli.main(["run", str(path), "--out", str(out), "--no_plots"]) == 1
@@ -98,6 +100,21 @@ def test_resume_and_failures(tmp_path, fake_lm_eval, monkeypatch, capsys):
     assert json.loads((cell / "cell.json").read_text())["model_args"] == {"pretrained": "/models/gpt2",
                                                                            "dtype": "float32"}
     assert (cell / "command.txt").read_text().endswith(f" {cell}\n")
+    # ... and its run record: the command, times, versions and commit, the machine, dtype and seeds
+    record = json.loads((cell / "record.json").read_text())
+    assert record["command"] + "\n" == (cell / "command.txt").read_text()
+    assert (record["exit_status"], record["results"], record["dtype"], record["seed"]) == (
+        0, os.path.join("lm_eval", "m", "results_1.json"), "float32", None)
+    assert set(record["versions"]) == {"python", "torch", "transformers", "lm_eval", "lmeval-dllm", "accelerate"}
+    assert record["versions"]["lmeval-dllm"] == "0.1.0"
+    head = subprocess.run(["git", "-C", os.path.dirname(__file__), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert record["git_commit"] == head and record["start"] <= record["end"]
+    assert record["lm_eval_seeds"] == {"random_seed": None, "numpy_seed": None, "torch_seed": None,
+                                       "fewshot_seed": None}  # the fake lm_eval writes none
+    dllm = json.loads((out / "cells" / "tiny_gsm" / "tiny" / "fast--none" / "record.json").read_text())
+    assert (dllm["exit_status"], dllm["results"], dllm["seed"], dllm["device"]) == (3, None, 1234, "cpu")
+    assert dllm["dtype"] == "auto: float32 (CPU)"
 
     # 2. Rerun: finished cells are skipped (not run again), the failed one is retried.
     monkeypatch.setenv("FIXED", "1")

@@ -3,9 +3,10 @@
     python -m lmeval_dllm.leaderboard run [MATRIX.yaml] [--out DIR] [--limit N] [--num_processes N] [--dry_run]
     python -m lmeval_dllm.leaderboard table [MATRIX.yaml] [--out DIR]     # re-aggregate stored cells only
     python -m lmeval_dllm.leaderboard check MATRIX.yaml                  # parse, check, list the cells
+    python -m lmeval_dllm.leaderboard invariance [MATRIX.yaml] [--out DIR] [--sample N]   # batch-1 reruns
 
-Exit status: 0 when every cell finished, 1 when any cell failed (the table lists it), 2 for a bad matrix or
-bad arguments.
+Exit status: 0 when every cell finished, 1 when any cell failed (the table lists it) or, for ``invariance``, when
+any answer differs at batch size 1; 2 for a bad matrix or bad arguments.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("run", "run every unfinished cell, then write the table and plots"),
                         ("table", "write the table and plots from the cells already stored under --out"),
-                        ("check", "parse and check a matrix, list its cells and their commands")]:
+                        ("check", "parse and check a matrix, list its cells and their commands"),
+                        ("invariance", "decode a sample of every finished cell's documents again at batch size 1 "
+                                       "and count the answers that differ")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("matrix", nargs="?", default=DEFAULT_MATRIX,
                        help="matrix YAML (default: the bundled tiny leaderboard)")
@@ -47,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
                            help="documents per task (a fraction < 1: share of the task); overrides the matrix")
             s.add_argument("--num_processes", type=_positive(int),
                            help="processes per cell; > 1 runs each cell under `accelerate launch`")
+        if name == "invariance":
+            s.add_argument("--sample", type=_positive(int), default=None,
+                           help="documents per cell (default 8), evenly spaced over the run's documents")
         if name == "run":
             s.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
             s.add_argument("--no_plots", action="store_true", help="table only (no matplotlib needed)")
@@ -87,6 +93,18 @@ def main(argv=None) -> int:
               f"{sum(o.status == 'skipped' for o in outcomes)} finished, {len(failed)} failed "
               f"in {time.perf_counter() - start:.0f} s")
 
+    report, differing = None, 0
+    if args.command == "invariance":
+        from lmeval_dllm.leaderboard import invariance
+
+        start = time.perf_counter()
+        reports = invariance.check_matrix(matrix, out, args.sample or invariance.DEFAULT_SAMPLE)
+        report = invariance.markdown(reports)
+        differing = sum(len(r["differ"]) for r in reports)
+        with open(os.path.join(out, "invariance.md"), "w") as f:
+            f.write(f"# Batch invariance: {matrix.name}\n\n" + report)
+        print(f"checked {len(reports)} finished cells in {time.perf_counter() - start:.0f} s")
+
     from lmeval_dllm.leaderboard.table import markdown, write_tables
 
     os.makedirs(out, exist_ok=True)
@@ -106,6 +124,10 @@ def main(argv=None) -> int:
                 print(f"plot: {path}")
         except ImportError as e:  # matplotlib missing: the table is written, say how to get the plots
             print(f"no plots: {e}", file=sys.stderr)
+    if report is not None:
+        print(f"\n{report}invariance report: {os.path.join(out, 'invariance.md')}")
+        if differing:
+            return 1
     if failed:
         print(f"\n{len(failed)} cell(s) FAILED:", file=sys.stderr)
         for o in failed:

@@ -7,40 +7,43 @@ cells (one ``lm_eval`` run each).
     strategies:                             # decoding strategies with their parameters
       - vanilla
       - {name: fast-dllm-0.9, strategy: vanilla, params: {threshold: 0.9}}
+      - {name: fast-dllm, strategy: vanilla, params: {threshold: [0.5, 0.7, 0.9]}}   # a sweep: three cells
     caches: [none, prefix, dual]            # or {name: dllm-cache, cache: dllm, params: {kp: 50, kr: 7}}
     ar_baselines:                           # AR models, run with --model hf_ar (lm-eval's hf) on the same tasks
       - {name: qwen2.5-7b, pretrained: Qwen/Qwen2.5-7B-Instruct, model_args: {dtype: bfloat16}}
 
 Cells: every model x task x strategy x cache (a strategy's own ``caches:`` list narrows its caches; ``exclude``
-drops combinations), then every AR baseline x task. Everything is checked here, before any run: keys, types,
-strategy and cache names, their parameters (through the same constructors ``--model dllm`` uses) and every
-strategy x cache pair. An error names the file, the line and the entry: ``full.yaml:14: strategies[1]: unknown
-parameter 'treshold' for strategy 'vanilla'; did you mean 'threshold'? ...``.
+drops combinations), then every AR baseline x task. A list of values for a strategy parameter is a sweep: one
+strategy per value (per combination, for several lists), labelled ``<name> <param>=<value>``, all of one
+*family* (the entry's name; ``family:`` sets it), which is one curve in the table's AUP and the plots.
+
+Everything is checked here, before any run: keys (the fields of the dataclasses below), types, strategy and
+cache names, their parameters (every value of a sweep, through the same constructors ``--model dllm`` uses:
+:func:`_check_strategy`, :func:`_check_cache`) and every strategy x cache pair. An error names the file, the line
+and the entry: ``full.yaml:14: strategies[1]: unknown parameter 'treshold' for strategy 'vanilla'; did you mean
+'threshold'? ...``.
 """
 
 from __future__ import annotations
 
 import difflib
 import io
+import itertools
 import os
 import re
 import shlex
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple, Optional
 
 import yaml
 
-TOP_KEYS = ("name", "tasks", "models", "strategies", "caches", "ar_baselines", "baseline", "exclude",
-            "include_path", "lm_eval_args", "limit", "batch_size", "num_processes")
-TASK_KEYS = ("task", "metric")
-MODEL_KEYS = ("name", "pretrained", "model_args", "batch_size")
-STRATEGY_KEYS = ("name", "strategy", "params", "caches")
-CACHE_KEYS = ("name", "cache", "params")
-BASELINE_KEYS = ("strategy", "cache")
-EXCLUDE_KEYS = ("model", "strategy", "cache", "task")
 # --model_args names the runner sets itself
 RESERVED_MODEL_ARGS = ("pretrained", "strategy", "cache", "stats_path", "batch_size")
 NO_CACHE = "none"
+# Metadata of a dataclass field: its YAML key when it is not the field's name (None: not a key of the file), and
+# whether an entry must give it.
+_NOT_A_KEY = {"key": None}
+_REQUIRED = {"required": True}
 
 
 class MatrixError(ValueError):
@@ -91,36 +94,61 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _constr
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The parsed matrix
+# The parsed matrix. The keys a YAML entry may have are the fields of these dataclasses (see `_keys`).
 
 
 @dataclass(frozen=True)
 class Task:
-    name: str
-    metric: Optional[str]  # "<metric>,<filter>" in lm-eval's results; None: the first one reported
+    name: str = field(metadata={"key": "task", **_REQUIRED})
+    metric: Optional[str] = None  # "<metric>,<filter>" in lm-eval's results; None: the first one reported
 
 
 @dataclass(frozen=True)
 class Model:
-    name: str  # label in the table and in directory names
-    pretrained: str
+    name: str  # label in the table and in directory names (default: the last part of `pretrained`)
+    pretrained: str = field(metadata=_REQUIRED)
     model_args: dict = field(default_factory=dict)
     batch_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
 class Strategy:
-    name: str
-    strategy: str
-    params: dict = field(default_factory=dict)
+    name: str  # the cell's label; a sweep's: "<entry name> <param>=<value> ..."
+    strategy: str = field(metadata=_REQUIRED)
+    params: dict = field(default_factory=dict)  # one value per parameter (a sweep is expanded)
     caches: Optional[tuple] = None  # cache labels this strategy runs with; None: all
+    family: str = ""  # the curve it belongs to: the entry's name (a sweep's strategies share it)
+    line: int = field(default=0, compare=False, metadata=_NOT_A_KEY)  # of its matrix entry
+    entry: int = field(default=0, compare=False, metadata=_NOT_A_KEY)  # index of its entry in `strategies:`
 
 
 @dataclass(frozen=True)
 class CacheSpec:
     name: str
-    cache: str  # "none" = exact computation
+    cache: str = field(metadata=_REQUIRED)  # "none" = exact computation
     params: dict = field(default_factory=dict)
+
+
+class Baseline(NamedTuple):
+    """The speed-up reference of each model and task: a strategy label and a cache label."""
+
+    strategy: str
+    cache: str
+
+
+@dataclass(frozen=True)
+class Exclude:
+    """Drops the cells that match every label it gives (a strategy matches by its label or its family)."""
+
+    model: Optional[str] = None
+    strategy: Optional[str] = None
+    cache: Optional[str] = None
+    task: Optional[str] = None
+
+    def matches(self, model: str, strategy: Strategy, cache: str, task: str) -> bool:
+        return ((self.model is None or self.model == model) and (self.cache is None or self.cache == cache)
+                and (self.task is None or self.task == task)
+                and (self.strategy is None or self.strategy in (strategy.name, strategy.family)))
 
 
 @dataclass(frozen=True)
@@ -160,15 +188,15 @@ class Cell:
 
 @dataclass(frozen=True)
 class Matrix:
-    path: str
+    path: str = field(metadata=_NOT_A_KEY)
     name: str
-    tasks: tuple
+    tasks: tuple = field(metadata=_REQUIRED)
     models: tuple
     strategies: tuple
     caches: tuple
     ar_baselines: tuple
-    baseline: tuple  # (strategy label, cache label): the speed-up reference of each model and task
-    exclude: tuple  # of dicts {model|strategy|cache|task: label}
+    baseline: Baseline
+    exclude: tuple  # of Exclude
     include_path: tuple  # absolute paths
     lm_eval_args: tuple
     limit: Optional[float]
@@ -183,15 +211,26 @@ class Matrix:
                     for cache in self.caches:
                         if strategy.caches is not None and cache.name not in strategy.caches:
                             continue
-                        labels = {"model": model.name, "strategy": strategy.name, "cache": cache.name,
-                                  "task": task.name}
-                        if any(all(labels[k] == v for k, v in ex.items()) for ex in self.exclude):
+                        if any(ex.matches(model.name, strategy, cache.name, task.name) for ex in self.exclude):
                             continue
                         out.append(Cell("dllm", model, task, strategy, cache))
         for model in self.ar_baselines:
             for task in self.tasks:
                 out.append(Cell("ar", model, task))
         return out
+
+
+def _keys(cls) -> tuple:
+    """The YAML keys of an entry of type ``cls``: its fields, in order, under their ``key`` metadata name."""
+    if not hasattr(cls, "__dataclass_fields__"):
+        return cls._fields  # a NamedTuple
+    return tuple(f.metadata.get("key", f.name) for f in fields(cls) if f.metadata.get("key", f.name))
+
+
+def _required(cls) -> tuple:
+    if not hasattr(cls, "__dataclass_fields__"):
+        return ()
+    return tuple(f.metadata.get("key", f.name) for f in fields(cls) if f.metadata.get("required"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,7 +282,13 @@ class _Parser:
     def error(self, line: int, where: str, message: str) -> MatrixError:
         return MatrixError(f"{self.path}:{line}: {where}: {message}" if where else f"{self.path}:{line}: {message}")
 
-    def mapping(self, value, line: int, where: str, keys: tuple, required: tuple = ()) -> _Map:
+    def entry(self, value, line: int, where: str, cls, shorthand: Optional[str] = None) -> _Map:
+        """A mapping whose keys are those of ``cls``; a plain string stands for ``{shorthand: value}``."""
+        if shorthand is not None and isinstance(value, str):
+            out = _Map({shorthand: value})
+            out.line, out.lines = line, {shorthand: line}
+            return out
+        keys = _keys(cls)
         if not isinstance(value, dict):
             raise self.error(line, where, f"expected a mapping with keys {', '.join(keys)}, got "
                                           f"{_type_name(value)}")
@@ -251,7 +296,7 @@ class _Parser:
             if key not in keys:
                 raise self.error(value.lines[key], where, f"unknown key {key!r}{_did_you_mean(key, keys)}"
                                                           f"allowed: {', '.join(keys)}")
-        for key in required:
+        for key in _required(cls):
             if key not in value:
                 raise self.error(value.line, where, f"missing key {key!r}")
         return value
@@ -271,8 +316,9 @@ class _Parser:
             raise self.error(line, where, f"expected an integer >= {minimum}, got {value!r}")
         return value
 
-    def args(self, value, line: int, where: str, reserved: tuple) -> dict:
-        """A ``key: value`` mapping that becomes part of ``--model_args`` (scalars, no commas)."""
+    def args(self, value, line: int, where: str, sweep: bool = False) -> dict:
+        """A ``key: value`` mapping that becomes part of ``--model_args`` (scalars, no commas). ``sweep``: a value
+        may also be a non-empty list of scalars (one cell per value)."""
         if value is None:
             return {}
         if not isinstance(value, dict):
@@ -280,16 +326,23 @@ class _Parser:
         out = {}
         for key, v in value.items():
             at = value.lines[key]
-            if key in reserved:
-                raise self.error(at, where, f"{key!r} is set by the leaderboard itself; "
-                                            f"set it elsewhere in the matrix (reserved: {', '.join(reserved)})")
+            if key in RESERVED_MODEL_ARGS:
+                raise self.error(at, where, f"{key!r} is set by the leaderboard itself; set it elsewhere in the "
+                                            f"matrix (reserved: {', '.join(RESERVED_MODEL_ARGS)})")
             if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise self.error(at, where, f"parameter name {key!r} is not an identifier")
-            if isinstance(v, (dict, list)) or v is None:
-                raise self.error(at, where, f"{key}: expected a single value, got {_type_name(v)}")
-            if "," in str(v) or "=" in str(v):
-                raise self.error(at, where, f"{key}={v!r}: lm-eval's --model_args cannot carry ',' or '=' "
-                                            f"in a value")
+            values = v if sweep and isinstance(v, list) else [v]
+            if not values:
+                raise self.error(at, where, f"{key}: an empty list sweeps nothing; give at least one value")
+            for x in values:
+                if isinstance(x, (dict, list)) or x is None:
+                    what = "a single value or a list of values" if sweep else "a single value"
+                    raise self.error(at, where, f"{key}: expected {what}, got {_type_name(x)}")
+                if "," in str(x) or "=" in str(x):
+                    raise self.error(at, where, f"{key}={x!r}: lm-eval's --model_args cannot carry ',' or '=' "
+                                                f"in a value")
+            if len(set(map(str, values))) < len(values):
+                raise self.error(at, where, f"{key}: a value is listed twice in {v!r}")
             out[key] = v
         return out
 
@@ -304,13 +357,19 @@ class _Parser:
                                                   f"{other_line}; give each entry its own `name:`")
             seen[item.name] = line
 
+    def labels(self, value, line: int, where: str, known: list, what: str, plural: str) -> str:
+        if value not in known:
+            raise self.error(line, where, f"{value!r} is not a {what} name of this matrix"
+                                          f"{_did_you_mean(value, known)}{plural}: {', '.join(known)}")
+        return value
+
     # -- sections --------------------------------------------------------------------------------------------
 
     def matrix(self, doc) -> Matrix:
         if doc is None:
             raise MatrixError(f"{self.path}:1: empty matrix; it needs at least `tasks:` and `models:` or "
                               f"`ar_baselines:`")
-        doc = self.mapping(doc, 1, "", TOP_KEYS, required=("tasks",))
+        doc = self.entry(doc, 1, "", Matrix)
         where = lambda key: doc.lines.get(key, doc.line)  # noqa: E731
         if "models" not in doc and "ar_baselines" not in doc:
             raise self.error(doc.line, "", "nothing to run: give `models:` (dLLMs) and/or `ar_baselines:`")
@@ -324,9 +383,9 @@ class _Parser:
                                                        f"give the AR baseline its own `name:`")
         caches = self.caches(doc.get("caches"), where("caches"))
         strategies = self.strategies(doc.get("strategies"), where("strategies"), caches)
-        self.check_pairs(strategies, caches, doc.get("strategies"), doc.get("exclude"))
-        baseline = self.baseline(doc.get("baseline"), where("baseline"), strategies, caches)
         exclude = self.exclude(doc.get("exclude"), where("exclude"), models, strategies, caches, tasks)
+        self.check_pairs(strategies, caches, exclude)
+        baseline = self.baseline(doc.get("baseline"), where("baseline"), strategies, caches)
 
         include = doc.get("include_path", [])
         include = [include] if isinstance(include, str) else include
@@ -375,10 +434,7 @@ class _Parser:
         out = []
         for i, item in enumerate(self.seq(value, line, "tasks")):
             where, at = f"tasks[{i}]", value.lines[i]
-            if isinstance(item, str):
-                item = {"task": item}
-            else:
-                item = self.mapping(item, at, where, TASK_KEYS, required=("task",))
+            item = self.entry(item, at, where, Task, shorthand="task")
             name = self.string(item["task"], at, where + ".task")
             if "," in name:
                 raise self.error(at, where, f"one task per entry, got {name!r}")
@@ -389,11 +445,9 @@ class _Parser:
                     raise self.error(at, where + ".metric",
                                      f"{metric!r}: give lm-eval's results key '<metric>,<filter>', e.g. "
                                      f"'exact_match,strict-match' or 'acc,none'")
+            if any(t.name == name for t in out):
+                raise self.error(at, where, f"task {name!r} is listed twice")
             out.append(Task(name, metric))
-        names = [t.name for t in out]
-        for i, n in enumerate(names):
-            if n in names[:i]:
-                raise self.error(value.lines[i], f"tasks[{i}]", f"task {n!r} is listed twice")
         return out
 
     def models(self, value, line: int, key: str) -> list[Model]:
@@ -402,16 +456,13 @@ class _Parser:
         out = []
         for i, item in enumerate(self.seq(value, line, key)):
             where, at = f"{key}[{i}]", value.lines[i]
-            if isinstance(item, str):
-                item = {"pretrained": item}
-            else:
-                item = self.mapping(item, at, where, MODEL_KEYS, required=("pretrained",))
+            item = self.entry(item, at, where, Model, shorthand="pretrained")
             pretrained = self.string(item["pretrained"], at, where + ".pretrained")
             if "," in pretrained:
                 raise self.error(at, where + ".pretrained", f"{pretrained!r}: a path with ',' cannot go through "
                                                             f"lm-eval's --model_args")
             name = self.string(item.get("name", os.path.basename(pretrained.rstrip("/"))), at, where + ".name")
-            model_args = self.args(item.get("model_args"), at, where + ".model_args", RESERVED_MODEL_ARGS)
+            model_args = self.args(item.get("model_args"), at, where + ".model_args")
             batch = item.get("batch_size")
             batch = None if batch is None else self.integer(batch, at, where + ".batch_size")
             out.append(Model(name, pretrained, model_args, batch))
@@ -419,22 +470,16 @@ class _Parser:
         return out
 
     def caches(self, value, line: int) -> list[CacheSpec]:
-        from lmeval_dllm.caches import build_cache, cache_class
-
         if value is None:
             return [CacheSpec(NO_CACHE, NO_CACHE)]
         out = []
         for i, item in enumerate(self.seq(value, line, "caches")):
             where, at = f"caches[{i}]", value.lines[i]
-            if isinstance(item, str):
-                item = {"cache": item}
-            else:
-                item = self.mapping(item, at, where, CACHE_KEYS, required=("cache",))
+            item = self.entry(item, at, where, CacheSpec, shorthand="cache")
             cache = self.string(item["cache"], at, where + ".cache")
-            params = self.args(item.get("params"), at, where + ".params", RESERVED_MODEL_ARGS)
+            params = self.args(item.get("params"), at, where + ".params")
             try:
-                cache_class(cache)
-                build_cache(None if cache == NO_CACHE else cache, **params)
+                _check_cache(cache, params)
             except (ValueError, TypeError) as e:
                 raise self.error(at, where, str(e)) from None
             name = self.string(item.get("name", _default_name(cache, params)), at, where + ".name")
@@ -444,111 +489,105 @@ class _Parser:
 
     def strategies(self, value, line: int, caches: list[CacheSpec]) -> list[Strategy]:
         if value is None:
-            return [Strategy("vanilla", "vanilla")]
-        out = []
+            return [Strategy("vanilla", "vanilla", family="vanilla", line=line)]
+        out, lines = [], []
         cache_names = [c.name for c in caches]
         for i, item in enumerate(self.seq(value, line, "strategies")):
             where, at = f"strategies[{i}]", value.lines[i]
-            if isinstance(item, str):
-                item = {"strategy": item}
-            else:
-                item = self.mapping(item, at, where, STRATEGY_KEYS, required=("strategy",))
+            item = self.entry(item, at, where, Strategy, shorthand="strategy")
             strategy = self.string(item["strategy"], at, where + ".strategy")
-            params = self.args(item.get("params"), at, where + ".params", RESERVED_MODEL_ARGS)
-            try:
-                _check_strategy(strategy, params)
-            except (ValueError, TypeError) as e:
-                raise self.error(at, where, str(e)) from None
+            params = self.args(item.get("params"), at, where + ".params", sweep=True)
             only = item.get("caches")
             if only is not None:
-                only = self.seq(only, at, where + ".caches")
-                for c in only:
-                    if c not in cache_names:
-                        raise self.error(at, where + ".caches", f"{c!r} is not a cache of this matrix"
-                                                                f"{_did_you_mean(c, cache_names)}caches: "
-                                                                f"{', '.join(cache_names)}")
-                only = tuple(only)
-            name = self.string(item.get("name", _default_name(strategy, params)), at, where + ".name")
-            out.append(Strategy(name, strategy, params, only))
-        self.unique(out, value.lines, "strategies")
+                only = tuple(self.labels(c, at, where + ".caches", cache_names, "cache", "caches")
+                             for c in self.seq(only, at, where + ".caches"))
+            swept = [k for k, v in params.items() if isinstance(v, list)]
+            name = item.get("name")
+            name = None if name is None else self.string(name, at, where + ".name")
+            family = item.get("family", name or _default_name(strategy, params))
+            family = self.string(family, at, where + ".family")
+            # A sweep: one strategy per combination of the listed values, in the order written.
+            for combo in itertools.product(*(params[k] for k in swept)):
+                one = {**params, **dict(zip(swept, combo))}
+                try:
+                    _check_strategy(strategy, one)
+                except (ValueError, TypeError) as e:
+                    raise self.error(at, where, str(e)) from None
+                label = _default_name(strategy, one) if name is None else \
+                    " ".join([name, *(f"{k}={v}" for k, v in zip(swept, combo))])
+                out.append(Strategy(label, strategy, one, only, family, at, i))
+                lines.append(at)
+        self.unique(out, lines, "strategies")
         return out
 
-    def check_pairs(self, strategies, caches, strategy_nodes, exclude_nodes) -> None:
+    def check_pairs(self, strategies, caches, exclude) -> None:
         """Every strategy x cache pair that will run must be one ``--model dllm`` accepts."""
-        from lmeval_dllm.caches import cache_class, check_compatible
-        from lmeval_dllm.samplers import sampler_class
-
-        excluded = {(e.get("strategy"), e.get("cache")) for e in (exclude_nodes or []) if isinstance(e, dict)
-                    and set(e) <= {"strategy", "cache"}}
-        for i, s in enumerate(strategies):
+        pairs = [ex for ex in exclude if ex.model is None and ex.task is None]
+        checked = set()
+        for s in strategies:
             for c in caches:
-                if s.caches is not None and c.name not in s.caches:
-                    continue
-                if (s.name, c.name) in excluded or (s.name, None) in excluded or (None, c.name) in excluded:
+                if (s.caches is not None and c.name not in s.caches) or (s.strategy, c.cache) in checked or \
+                        any(ex.matches(ex.model, s, c.name, ex.task) for ex in pairs):
                     continue
                 try:
-                    check_compatible(sampler_class(s.strategy), cache_class(c.cache))
+                    _check_strategy(s.strategy, s.params, cache=c.cache)
                 except ValueError as e:
-                    at = strategy_nodes.lines[i] if strategy_nodes else 1
-                    raise self.error(at, f"strategies[{i}]", f"{e} List the caches it runs "
-                                                             f"with under `caches:` in this entry, or add "
-                                                             f"{{strategy: {s.name}, cache: {c.name}}} to "
-                                                             f"`exclude:`") from None
+                    raise self.error(s.line, f"strategies[{s.entry}]", f"{e} List the caches it runs "
+                                                                       f"with under `caches:` in this entry, or add "
+                                                                       f"{{strategy: {s.family}, cache: {c.name}}} "
+                                                                       f"to `exclude:`") from None
+                checked.add((s.strategy, c.cache))
 
-    def baseline(self, value, line: int, strategies, caches) -> tuple:
+    def baseline(self, value, line: int, strategies, caches) -> Baseline:
         names_s, names_c = [s.name for s in strategies], [c.name for c in caches]
         default_cache = NO_CACHE if NO_CACHE in names_c else names_c[0]
         if value is None:
-            return names_s[0], default_cache
-        value = self.mapping(value, line, "baseline", BASELINE_KEYS)
-        s = value.get("strategy", names_s[0])
-        c = value.get("cache", default_cache)
-        if s not in names_s:
-            raise self.error(value.lines.get("strategy", line), "baseline.strategy",
-                             f"{s!r} is not a strategy name of this matrix{_did_you_mean(s, names_s)}"
-                             f"strategies: {', '.join(names_s)}")
-        if c not in names_c:
-            raise self.error(value.lines.get("cache", line), "baseline.cache",
-                             f"{c!r} is not a cache name of this matrix{_did_you_mean(c, names_c)}"
-                             f"caches: {', '.join(names_c)}")
-        return s, c
+            return Baseline(names_s[0], default_cache)
+        value = self.entry(value, line, "baseline", Baseline)
+        return Baseline(
+            self.labels(value.get("strategy", names_s[0]), value.lines.get("strategy", line), "baseline.strategy",
+                        names_s, "strategy", "strategies"),
+            self.labels(value.get("cache", default_cache), value.lines.get("cache", line), "baseline.cache",
+                        names_c, "cache", "caches"))
 
-    def exclude(self, value, line: int, models, strategies, caches, tasks) -> list[dict]:
+    def exclude(self, value, line: int, models, strategies, caches, tasks) -> list[Exclude]:
         if value is None:
             return []
-        known = {"model": [m.name for m in models], "strategy": [s.name for s in strategies],
+        known = {"model": [m.name for m in models],
+                 "strategy": list(dict.fromkeys([s.name for s in strategies] + [s.family for s in strategies])),
                  "cache": [c.name for c in caches], "task": [t.name for t in tasks]}
         plural = {"model": "models", "strategy": "strategies", "cache": "caches", "task": "tasks"}
         out = []
         for i, item in enumerate(self.seq(value, line, "exclude")):
             where, at = f"exclude[{i}]", value.lines[i]
-            item = self.mapping(item, at, where, EXCLUDE_KEYS)
+            item = self.entry(item, at, where, Exclude)
             if not item:
                 raise self.error(at, where, "an empty entry would exclude every cell")
             for key, v in item.items():
-                if v not in known[key]:
-                    raise self.error(item.lines[key], f"{where}.{key}", f"{v!r} is not a {key} name of this "
-                                                                        f"matrix{_did_you_mean(v, known[key])}"
-                                                                        f"{plural[key]}: {', '.join(known[key])}")
-            out.append(dict(item))
+                self.labels(v, item.lines[key], f"{where}.{key}", known[key], key, plural[key])
+            out.append(Exclude(**item))
         return out
 
 
-def _check_strategy(strategy: str, params: dict) -> None:
-    """What ``--model dllm`` checks at start-up: the strategy exists and takes these parameters (names, types,
-    ranges), through the same constructors. Lengths are checked per task, at run time."""
-    from lmeval_dllm.lm import LOOP_PARAMS, PROPOSAL_PARAMS
-    from lmeval_dllm.params import coerce, did_you_mean
-    from lmeval_dllm.samplers import Proposal, build_sampler, sampler_params
+# ----------------------------------------------------------------------------------------------------------------
+# The package's own checks. Every call from the matrix into the decoding code goes through these two functions.
 
-    accepted = {**LOOP_PARAMS, **PROPOSAL_PARAMS, **sampler_params(strategy)}
-    for name, value in params.items():
-        if name not in accepted:
-            raise ValueError(f"unknown parameter {name!r} for strategy {strategy!r}{did_you_mean(name, accepted)} "
-                             f"accepted: {', '.join(sorted(accepted))} (cache parameters go under the cache)")
-        params = {**params, name: coerce(name, value, accepted[name][0])}
-    proposal = Proposal.from_params(**{k: v for k, v in params.items() if k in PROPOSAL_PARAMS})
-    build_sampler(strategy, proposal, **{k: v for k, v in params.items() if k in sampler_params(strategy)})
+
+def _check_strategy(strategy: str, params: dict, cache: Optional[str] = None) -> None:
+    """What ``--model dllm`` checks at start-up (``lmeval_dllm.decoding.check_strategy``: the same function): the
+    strategy exists and takes these parameters (names, types, ranges); with ``cache`` (a cache name, "none" for
+    none), also that the pair can run. Lengths are checked per task, at run time."""
+    from lmeval_dllm.decoding import check_strategy  # here: reading a matrix does not import torch
+
+    check_strategy(strategy, params, cache)
+
+
+def _check_cache(cache: str, params: dict) -> None:
+    """What ``--model dllm`` checks of a cache at start-up (``lmeval_dllm.decoding.check_cache``): the name
+    ("none" for none) and its parameters."""
+    from lmeval_dllm.decoding import check_cache
+
+    check_cache(cache, params)
 
 
 def _default_name(kind: str, params: dict) -> str:

@@ -1,8 +1,9 @@
 """Plots of a leaderboard (PNG, matplotlib's Agg backend: no display needed).
 
-- ``pareto_<task>.png``: accuracy (%) against throughput (tokens/s, log scale) for every finished cell of the
-  task, one colour and hollow marker shape per cell (named in the legend), AR baselines as filled squares; the Pareto front (no other cell is
-  both faster and more accurate) is joined by a dashed line.
+- ``tpf_<task>.png``: accuracy (%) against tokens per forward pass (TPF), one line per curve (model, strategy
+  family, cache: a sweep), its AUP in the legend; AR baselines as filled squares.
+- ``pareto_<task>.png``: accuracy (%) against throughput (tokens/s, log scale), the same curves in the same
+  colours; the Pareto front (no other cell is both faster and more accurate) is joined by a dashed grey line.
 - ``nfe_<task>.png``: mean NFE (forward passes per request) of each dLLM cell, one bar per strategy x cache.
 """
 
@@ -46,26 +47,70 @@ def _label(row: Row) -> str:
     return f"{row.model}: AR" if row.kind == "ar" else f"{row.strategy} | {row.cache}"
 
 
+def _curves(rows: list[Row], task: str, x: str) -> list[tuple[str, list[Row]]]:
+    """(legend label, rows by increasing TPF) of every curve of the task with a finished row that has ``x``."""
+    done = [r for r in rows if r.task == task and r.status == "ok" and getattr(r, x)]
+    several_models = len({r.model for r in done}) > 1
+    groups = {}
+    for r in done:
+        groups.setdefault((r.model, r.family, r.cache), []).append(r)
+    out = []
+    for (model, family, cache), members in groups.items():
+        label = f"{model}: AR" if family == "AR" else f"{family} | {cache}"
+        if several_models and family != "AR":
+            label = f"{model}: {label}"
+        if members[0].aup is not None:
+            label += f" (AUP {members[0].aup:.1f})"
+        out.append((label, sorted(members, key=lambda r: (r.tokens_per_step or 0, r.tokens_per_s or 0))))
+    return out
+
+
+def _draw_curves(ax, plt, curves, x: str) -> None:
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (label, members) in enumerate(curves):
+        ar = members[0].kind == "ar"
+        xs, ys = [getattr(r, x) for r in members], [100 * r.accuracy for r in members]
+        # Hollow markers of different shapes: curves through the same spot (a cache that changes no answer)
+        # stay visible as nested shapes. AR baselines: filled squares.
+        ax.plot(xs, ys, "-" if len(members) > 1 else "", marker="s" if ar else _MARKERS[i % len(_MARKERS)],
+                color=colours(i % colours.N), markerfacecolor=None if ar else "none", markeredgewidth=1.6,
+                markersize=9 if ar else 8, linewidth=1.4, alpha=0.9, label=label)
+        errors = [100 * r.accuracy_stderr if r.accuracy_stderr is not None else 0.0 for r in members]
+        if any(errors):
+            ax.errorbar(xs, ys, yerr=errors, fmt="none", ecolor=colours(i % colours.N), elinewidth=0.8,
+                        capsize=2, alpha=0.35)
+
+
+def _finish(ax, fig, path: str, title: str, xlabel: str, any_points: bool) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%), bars: ± stderr")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.margins(x=0.08, y=0.1)
+    if any_points:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_tpf(rows: list[Row], task: str, path: str) -> None:
+    plt = _pyplot()
+    curves = _curves(rows, task, "tokens_per_step")
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
+    _draw_curves(ax, plt, curves, "tokens_per_step")
+    _finish(ax, fig, path, f"{task}: accuracy against parallelism (one line per sweep)",
+            "TPF (answer tokens per forward pass)", bool(curves))
+    plt.close(fig)
+
+
 def plot_pareto(rows: list[Row], task: str, path: str) -> None:
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    done = [r for r in rows if r.task == task and r.status == "ok" and r.tokens_per_s]
-    several_models = len({r.model for r in done}) > 1
-    # One colour per cell and a legend, not text beside the points: cells of equal accuracy would overlap.
-    colours = plt.get_cmap("tab10" if len(done) <= 10 else "tab20")
-    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=100)
-    for i, r in enumerate(done):
-        label = f"{r.model}: {_label(r)}" if several_models and r.kind == "dllm" else _label(r)
-        # Hollow markers of different shapes: cells at the same spot (a cache that changes no answer and
-        # about the same speed) stay visible as nested shapes. AR baselines: filled squares.
-        ar = r.kind == "ar"
-        ax.errorbar(r.tokens_per_s, 100 * r.accuracy,
-                    yerr=None if r.accuracy_stderr is None else 100 * r.accuracy_stderr,
-                    fmt="s" if ar else _MARKERS[i % len(_MARKERS)], color=colours(i % colours.N),
-                    markerfacecolor=None if ar else "none", markeredgewidth=1.6, markersize=9 if ar else 10,
-                    capsize=3, elinewidth=1, alpha=0.9, label=label)
-    front = pareto_front([(r.tokens_per_s, 100 * r.accuracy) for r in done])
+    curves = _curves(rows, task, "tokens_per_s")
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=100)
+    _draw_curves(ax, plt, curves, "tokens_per_s")
+    front = pareto_front([(r.tokens_per_s, 100 * r.accuracy) for _, members in curves for r in members])
     if len(front) > 1:
         ax.plot(*zip(*front), "--", color="grey", linewidth=1, label="Pareto front")
     ax.set_xscale("log")
@@ -73,15 +118,8 @@ def plot_pareto(rows: list[Row], task: str, path: str) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("throughput (generated tokens/s, log scale)")
-    ax.set_ylabel("accuracy (%) ± stderr")
-    ax.set_title(f"{task}: accuracy against throughput")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.margins(x=0.1, y=0.1)
-    if done:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(ax, fig, path, f"{task}: accuracy against throughput (this machine)",
+            "throughput (answer tokens/s, log scale)", bool(curves))
     plt.close(fig)
 
 
@@ -108,13 +146,17 @@ def plot_nfe(rows: list[Row], task: str, path: str) -> None:
 
 
 def write_plots(rows: list[Row], out: str) -> list[str]:
-    """Both plots for every task with a finished cell, under ``OUT/plots/``; returns the paths written."""
+    """The plots of every task with a finished cell, under ``OUT/plots/``; returns the paths written."""
     directory = os.path.join(out, "plots")
     os.makedirs(directory, exist_ok=True)
     written = []
     for task in dict.fromkeys(r.task for r in rows):
         if not any(r.task == task and r.status == "ok" for r in rows):
             continue
+        if any(r.task == task and r.status == "ok" and r.tokens_per_step for r in rows):
+            path = os.path.join(directory, f"tpf_{_file_part(task)}.png")
+            plot_tpf(rows, task, path)
+            written.append(path)
         path = os.path.join(directory, f"pareto_{_file_part(task)}.png")
         plot_pareto(rows, task, path)
         written.append(path)

@@ -5,6 +5,8 @@ Layout of a run directory ``OUT`` (every path deterministic, from the matrix lab
     OUT/cells/<task>/<model>/<strategy>--<cache>/     a dLLM cell (``ar`` instead of the last part: an AR baseline)
         cell.json          what the cell is (kind, model, task, strategy, cache, their parameters)
         command.txt        the exact command, shell-quoted (copy-paste it to rerun the cell by hand)
+        record.json        the run record: command, start and end time, exit status, package versions and this
+                           package's git commit, CPU / GPU names, dtype, seeds (:func:`run_record`)
         lm_eval.log        the command's stdout and stderr
         stats.jsonl        per-request decoding statistics (``stats_path``)
         lm_eval/<model>/results_<time>.json, samples_<task>_<time>.jsonl   lm-eval's own output
@@ -16,9 +18,11 @@ failed is run again (its ``FAILED`` and partial output are removed first); the o
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -26,11 +30,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
 from typing import Callable, Optional
 
 from lmeval_dllm.leaderboard.matrix import Cell, Matrix
 
 FAILED = "FAILED"
+RECORD = "record.json"
+PACKAGES = ("torch", "transformers", "lm_eval", "lmeval-dllm", "accelerate")
+DLLM_DEFAULT_SEED = 1234  # lmeval_dllm.lm.DLLM's `seed` (sampling RNG, likelihood estimates)
 TAIL_LINES = 40  # lines of the log kept in FAILED: enough for a Python traceback
 _ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): ")  # "ValueError: ...", "[rank0]: OSError: ..."
 
@@ -119,10 +128,14 @@ def run_cell(matrix: Matrix, cell: Cell, out: str, limit: Optional[float] = None
         json.dump(describe(cell), f, indent=2)
     with open(os.path.join(directory, "command.txt"), "w") as f:
         f.write(shlex.join(argv) + "\n")
+    record = run_record(cell, argv, env)
+    _write_json(os.path.join(directory, RECORD), record)
     start = time.perf_counter()
     with open(os.path.join(directory, "lm_eval.log"), "w") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
+    finish_record(record, proc.returncode, seconds, directory)
+    _write_json(os.path.join(directory, RECORD), record)
     if proc.returncode == 0 and results_file(directory):
         return Outcome(cell, "done", seconds, 0)
     with open(os.path.join(directory, "lm_eval.log"), errors="replace") as log:
@@ -138,6 +151,91 @@ def run_cell(matrix: Matrix, cell: Cell, out: str, limit: Optional[float] = None
         f.write("--- last lines of lm_eval.log ---\n")
         f.writelines(lines[-TAIL_LINES:])
     return Outcome(cell, "failed", seconds, proc.returncode)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@functools.lru_cache(maxsize=None)
+def _environment() -> dict:
+    """What every cell of this run shares: package versions, this package's git commit, the machine."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    commit = _output(["git", "-C", source, "rev-parse", "HEAD"])
+    dirty = _output(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"]) if commit else None
+    gpus = _output(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"])
+    return {"versions": {"python": platform.python_version(), **versions},
+            "git_commit": commit, "git_dirty": bool(dirty) if commit else None,
+            "host": platform.node(), "cpu": _cpu_name(), "gpus": gpus.splitlines() if gpus else []}
+
+
+def _output(argv: list[str]) -> Optional[str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_record(cell: Cell, argv: list[str], env: Optional[dict] = None) -> dict:
+    """The record of one run of a cell, before it starts: enough to rerun it and to know where it ran.
+
+    ``dtype``: the ``dtype`` model argument, else what ``--model dllm`` picks for ``auto`` (bfloat16 on a GPU,
+    float32 on a CPU) or, for AR cells, lm-eval's ``auto`` (the checkpoint's dtype). ``seed``: the dLLM's
+    sampling seed (``seed`` model argument); lm-eval's own seeds are added from its results when it finishes.
+    """
+    env = os.environ if env is None else env
+    machine = _environment()
+    args = cell.model_args()
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    on_gpu = bool(machine["gpus"]) and visible not in ("", "-1")
+    if "dtype" in args:
+        dtype = str(args["dtype"])
+    elif cell.kind == "dllm":
+        dtype = "auto: bfloat16 (GPU)" if on_gpu else "auto: float32 (CPU)"
+    else:
+        dtype = "auto: the checkpoint's"
+    return {"cell": cell.label, "command": shlex.join(argv), "argv": argv, "start": _now(), "end": None,
+            "seconds": None, "exit_status": None, **machine, "device": "cuda" if on_gpu else "cpu",
+            "cuda_visible_devices": visible, "dtype": dtype,
+            "seed": int(args.get("seed", DLLM_DEFAULT_SEED)) if cell.kind == "dllm" else None,
+            "omp_num_threads": env.get("OMP_NUM_THREADS")}
+
+
+def finish_record(record: dict, returncode: int, seconds: float, directory: str) -> dict:
+    """The end of the record: end time, exit status, lm-eval's seeds and results file (relative to the cell)."""
+    results = results_file(directory)
+    record.update(end=_now(), seconds=round(seconds, 3), exit_status=returncode, results=None)
+    if results:
+        with open(results) as f:
+            config = json.load(f).get("config", {})
+        record["lm_eval_seeds"] = {k: config.get(k) for k in ("random_seed", "numpy_seed", "torch_seed",
+                                                              "fewshot_seed")}
+        record["results"] = os.path.relpath(results, directory)
+    return record
 
 
 def run_matrix(matrix: Matrix, out: str, limit: Optional[float] = None, num_processes: Optional[int] = None,

@@ -9,7 +9,8 @@ Columns (docs/leaderboard.md defines them for readers):
   forward passes of ``generate`` for that request = its generated tokens + the one that produced the stop token.
 - ``tokens_per_s``: total answer tokens over total generation wall time (``dllm_stats.tokens_per_s``), the same
   definition for dLLM and AR rows.
-- ``tokens_per_step``: answer tokens over forward passes (AR: just under 1).
+- ``tokens_per_step`` (TPF in the Markdown): answer tokens over forward passes, both summed over the requests
+  (tokens per forward, the d3LLM leaderboard's parallelism; AR: just under 1).
 - ``latency_s``: mean generation wall time per request = each batch's wall time shared equally among its
   requests (``dllm_stats.mean_latency_s``).
 - ``speedup``: ``tokens_per_s`` over that of the baseline cell (the matrix's ``baseline``, by default the first
@@ -17,6 +18,11 @@ Columns (docs/leaderboard.md defines them for readers):
 - ``published``, ``delta``, ``published_source``: the published accuracy of the same model, task, strategy,
   cache and decoding arguments (``published.yaml`` next to the matrix's task configs; see
   lmeval_dllm/leaderboard/published.py), ``accuracy - published``, and where it was published; blank without one.
+- ``family``, ``aup``: the curve of the row, (model, strategy family, cache) with "AR" the family of AR rows, and
+  its AUP score over its finished rows (:mod:`lmeval_dllm.leaderboard.aup`; y_max: the best accuracy of the task).
+- ``batch1_checked``, ``batch1_differ``: documents re-decoded at batch size 1 and answers that differed
+  (:mod:`lmeval_dllm.leaderboard.invariance`); blank until ``invariance`` ran.
+- ``record``: the cell's run record (``record.json``: command, versions, commit, device, dtype, seeds, times).
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from lmeval_dllm.leaderboard.aup import aup
+from lmeval_dllm.leaderboard.invariance import stored_report
 from lmeval_dllm.leaderboard.matrix import NO_CACHE, Cell, Matrix
 from lmeval_dllm.leaderboard.published import Published, match, published_near
-from lmeval_dllm.leaderboard.run import FAILED, cell_dir, results_file
+from lmeval_dllm.leaderboard.run import FAILED, RECORD, cell_dir, results_file
 
 
 @dataclass
@@ -55,6 +63,11 @@ class Row:
     published: Optional[float] = None  # the published accuracy of this setting (fraction), if any
     delta: Optional[float] = None  # accuracy - published
     published_source: Optional[str] = None
+    family: str = ""  # the curve: strategy family (the matrix entry; "AR" for AR rows)
+    aup: Optional[float] = None  # AUP of the row's (task, model, family, cache) curve
+    batch1_checked: Optional[int] = None  # documents re-decoded at batch size 1
+    batch1_differ: Optional[int] = None  # of which answers differed from the batched run
+    record: str = ""  # the run record, relative to the run directory
 
 
 COLUMNS = [f for f in Row.__dataclass_fields__]
@@ -65,7 +78,10 @@ def read_cell(out: str, cell: Cell) -> Row:
     directory = cell_dir(out, cell)
     row = Row(task=cell.task.name, model=cell.model.name, kind=cell.kind,
               strategy=cell.strategy.name if cell.strategy else "", cache=cell.cache.name if cell.cache else "",
-              status="missing", cell=os.path.relpath(directory, out))
+              status="missing", cell=os.path.relpath(directory, out),
+              family=cell.strategy.family if cell.strategy else "AR")
+    if os.path.exists(os.path.join(directory, RECORD)):
+        row.record = os.path.relpath(os.path.join(directory, RECORD), out)
     path = results_file(directory)
     if path is None:
         row.status = "failed" if os.path.exists(os.path.join(directory, FAILED)) else "missing"
@@ -91,6 +107,9 @@ def read_cell(out: str, cell: Cell) -> Row:
     row.tokens_per_s = stats.get("tokens_per_s")
     row.tokens_per_step = stats.get("tokens_per_step")
     row.latency_s = stats.get("mean_latency_s")
+    report = stored_report(out, cell)
+    if report is not None:
+        row.batch1_checked, row.batch1_differ = report["checked"], len(report["differ"])
     return row
 
 
@@ -128,6 +147,9 @@ def build_rows(matrix: Matrix, out: str, published: Optional[list[Published]] = 
         ref = reference.get((row.task, row.model))
         if row.tokens_per_s is not None and ref is not None and ref.tokens_per_s:
             row.speedup = row.tokens_per_s / ref.tokens_per_s
+    for curve in curves(rows):
+        for row in curve["rows"]:
+            row.aup = curve["aup"]
     task_order = {t.name: i for i, t in enumerate(matrix.tasks)}
     # sorted() is stable: within a task, the matrix order of the cells (AR baselines come last).
     return sorted(rows, key=lambda r: (task_order[r.task], r.kind == "ar"))
@@ -172,6 +194,44 @@ def _add_published(row: Row, cell: Cell, published: list[Published], num_fewshot
         row.delta = row.accuracy - row.published
 
 
+def curves(rows: list[Row]) -> list[dict]:
+    """The finished rows grouped into curves, (task, model, family, cache), in row order, each with its AUP.
+    y_max, W's reference, is the best accuracy of any finished row of the task (AR baselines included), as the
+    d3LLM leaderboard takes the best of every method on the task."""
+    done = [r for r in rows if r.status == "ok" and r.accuracy is not None and r.tokens_per_step]
+    y_max = {}
+    for r in done:
+        y_max[r.task] = max(y_max.get(r.task, 0.0), 100 * r.accuracy)
+    groups = {}
+    for r in done:
+        groups.setdefault((r.task, r.model, r.family, r.cache), []).append(r)
+    out = []
+    for (task, model, family, cache), members in groups.items():
+        members = sorted(members, key=lambda r: r.tokens_per_step)
+        points = [(r.tokens_per_step, 100 * r.accuracy) for r in members]
+        score = aup(points, y_max[task]) if y_max[task] > 0 else None
+        out.append({"task": task, "model": model, "family": family, "cache": cache, "rows": members,
+                    "points": points, "y_max": y_max[task], "aup": score})
+    return out
+
+
+def curves_markdown(rows: list[Row]) -> str:
+    """One line per curve: its points (TPF, accuracy) by increasing TPF and its AUP."""
+    lines = ["| task | model | curve (strategy family) | cache | points: TPF, accuracy (%) | AUP |",
+             "| --- | --- | --- | --- | --- | ---: |"]
+    found = curves(rows)
+    for c in found:
+        points = "; ".join(f"{rho:.2f}, {y:.1f}" for rho, y in c["points"])
+        cache = c["cache"] if c["family"] != "AR" else "KV cache"
+        lines.append(f"| {c['task']} | {c['model']} | {c['family']} | {cache} | {points} | "
+                     f"{_fmt(c['aup'], '{:.1f}')} |")
+    y_max = "; ".join(dict.fromkeys(f"{c['y_max']:.1f} on {c['task']}" for c in found))
+    lines += ["", "AUP = rho_1 y_1 + 1/2 sum (rho_i - rho_{i-1}) (y_i W(y_i) + y_{i-1} W(y_{i-1})) over the points "
+                  "with y >= y_1 - 5, W(y) = min(exp(-3 (1 - y / y_max)), 1), rho = TPF, y = accuracy (%); "
+                  f"y_max (the task's best accuracy): {y_max or 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(rows: list[Row], path: str) -> None:
     """Raw values (fractions, seconds), one row per cell; empty fields where a value does not apply."""
     with open(path, "w", newline="") as f:
@@ -186,22 +246,24 @@ def markdown(rows: list[Row], matrix: Matrix) -> str:
     base_strategy, base_cache = matrix.baseline
     with_published = any(r.published is not None for r in rows)  # the two columns only when a cell has a number
     lines = [
-        "| task | model | strategy | cache | n | accuracy (%) | NFE | tokens/s | tokens/step | latency (s) "
-        "| speed-up |" + (" published (%) | delta (pp) |" if with_published else ""),
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| task | model | strategy | cache | n | accuracy (%) | NFE | tokens/s | TPF | latency (s) "
+        "| speed-up | AUP | batch 1 | run |" + (" published (%) | delta (pp) |" if with_published else ""),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
         + (" ---: | ---: |" if with_published else ""),
     ]
     for r in rows:
         strategy, cache = (r.strategy, r.cache) if r.kind == "dllm" else ("AR (hf)", "KV cache")
+        record = f"[record]({r.record})" if r.record else ""
         if r.status != "ok":
-            cells = [r.task, r.model, strategy, cache, "", r.status, "", "", "", "", ""]
+            cells = [r.task, r.model, strategy, cache, "", r.status, "", "", "", "", "", "", "", record]
         else:
             acc = f"{100 * r.accuracy:.1f}"
             if r.accuracy_stderr is not None:
                 acc += f" ± {100 * r.accuracy_stderr:.1f}"
             cells = [r.task, r.model, strategy, cache, _fmt(r.n, "{}"), acc, _fmt(r.nfe, "{:.1f}"),
                      _fmt(r.tokens_per_s, "{:.1f}"), _fmt(r.tokens_per_step, "{:.2f}"),
-                     _fmt(r.latency_s, "{:.3f}"), _fmt(r.speedup, "{:.2f}×")]
+                     _fmt(r.latency_s, "{:.3f}"), _fmt(r.speedup, "{:.2f}×"), _fmt(r.aup, "{:.1f}"),
+                     "" if r.batch1_checked is None else f"{r.batch1_differ}/{r.batch1_checked}", record]
         if with_published:
             cells += [_fmt(None if r.published is None else 100 * r.published, "{:.1f}"),
                       _fmt(None if r.delta is None else 100 * r.delta, "{:+.1f}")]
@@ -214,7 +276,10 @@ def markdown(rows: list[Row], matrix: Matrix) -> str:
         "",
         f"Speed-up: tokens/s over the `{base_strategy}` + `{base_cache}` cell of the same model and task "
         "(blank: AR row, or that cell did not finish). "
-        "Accuracy: " + "; ".join(f"`{m}` on {t}" for t, m in metrics.items()) + ".",
+        "Accuracy: " + "; ".join(f"`{m}` on {t}" for t, m in metrics.items()) + ". "
+        "TPF: answer tokens per forward pass. AUP: of the row's curve (below). "
+        "Batch 1: answers that differ when a sample of the cell's documents is decoded again at batch size 1, "
+        "of those re-decoded (blank: not checked). Run: the cell's run record.",
     ]
     sources = sorted({r.published_source for r in rows if r.published_source})
     if sources:
@@ -231,5 +296,6 @@ def write_tables(matrix: Matrix, out: str) -> list[Row]:
     rows = build_rows(matrix, out)
     write_csv(rows, os.path.join(out, "leaderboard.csv"))
     with open(os.path.join(out, "leaderboard.md"), "w") as f:
-        f.write(f"# Leaderboard: {matrix.name}\n\n" + markdown(rows, matrix))
+        f.write(f"# Leaderboard: {matrix.name}\n\n" + markdown(rows, matrix) + "\n## Curves\n\n"
+                + curves_markdown(rows))
     return rows
