@@ -121,3 +121,29 @@ def test_composition_with_every_strategy():
 def test_invalid_parameters(kw, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
         build_cache("vicinity", **kw)
+
+
+def test_wino_runs_its_shadow_block_through_vicinity(tiny_dir):
+    """WINO's extra rows go through the window (and the warm-up's mixed steps): refresh every step = no cache, and a
+    batch = each prompt alone."""
+    from lmeval_dllm.generate import GenerationConfig, generate
+    from lmeval_dllm.samplers import Proposal, build_sampler
+
+    model, tok = tiny(tiny_dir)
+    enc, ids, mask = left_pad(tok, PROMPTS)
+
+    def run(ids, mask, kw):
+        sampler = build_sampler("wino", Proposal.from_params(), wide_in_thres=0.05, narrow_out_thres=0.02)
+        cache = build_cache("vicinity", **kw) if kw is not None else None
+        return generate(model, ids, mask, sampler, GenerationConfig(16, 8), stop_token_ids=torch.tensor([999]),
+                        cache=cache)
+
+    ref = run(ids, mask, None)
+    exact = run(ids, mask, {"prefix_look": 2, "after_look": 2, "warmup_steps": 2, "refresh_interval": 1})
+    assert exact.tokens.tolist() == ref.tokens.tolist() and exact.nfe.tolist() == ref.nfe.tolist()
+    kw = {"prefix_look": 2, "after_look": 2, "warmup_steps": 2}
+    batch = run(ids, mask, kw)
+    for i, e in enumerate(enc):
+        alone = run(torch.tensor([e]), None, kw)
+        assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), i
+        assert alone.nfe[0] == batch.nfe[i]
