@@ -43,10 +43,13 @@ STRATEGIES = {
     "ar": {"num_transfer_tokens": 2},
     "wino": {},
     "daedal": {"initial_gen_length": 8, "max_gen_length": 32, "num_check_last_eot": 4, "threshold": 0.5},
+    "hierarchy": {"threshold": 0.5, "low_threshold": 0.1},
+    "credit": {"threshold": 0.3},
 }
 CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
-          ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1})]
+          ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1}),
+          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1})]
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:

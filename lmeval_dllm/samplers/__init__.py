@@ -10,7 +10,9 @@ from typing import Any
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
 from lmeval_dllm.samplers.ar import LeftToRightSampler
 from lmeval_dllm.samplers.base import Sampler
+from lmeval_dllm.samplers.credit import CreditSampler
 from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
+from lmeval_dllm.samplers.hierarchy import HierarchySampler
 from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
 from lmeval_dllm.samplers.pc_sampler import PCSampler
 from lmeval_dllm.samplers.daedal import DaedalSampler
@@ -27,6 +29,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "ar": LeftToRightSampler,  # left-to-right order inside the dLLM (baseline)
     "wino": WinoSampler,  # WINO: wide-in drafting, narrow-out re-masking (arXiv:2507.18578)
     "daedal": DaedalSampler,  # DAEDAL: variable-length denoising (arXiv:2508.00819)
+    "hierarchy": HierarchySampler,  # dInfer hierarchical decoding: each masked run's best (arXiv:2510.08666)
+    "credit": CreditSampler,  # dInfer credit decoding: EMA credit of top-1 tokens fused into the logits
 }
 
 
