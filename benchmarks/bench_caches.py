@@ -47,6 +47,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # 
 from lmeval_dllm.caches import build_cache  # noqa: E402
 from lmeval_dllm.generate import GenerationConfig, generate  # noqa: E402
 from lmeval_dllm.models import DiffusionLM, ModelArgs  # noqa: E402
+from lmeval_dllm.models.transformer import MoEArgs  # noqa: E402
 from lmeval_dllm.models.kernels import fused_status  # noqa: E402
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class  # noqa: E402
 
@@ -59,6 +60,16 @@ SHAPES = {
                      vocab_size=152064, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, rope_fp32=False,
                      tie_embeddings=False, max_position=131072, mask_token_id=151666, eos_token_id=151643,
                      pad_token_id=151643, logit_shift=1),
+    # LLaDA-MoE-7B-A1B: 7.36B parameters, 16 layers, d_model 2048, 16 heads of 128 (no GQA), q/k RMSNorm, 64 SwiGLU
+    # experts of 1024 per layer with top-8 softmax routing, no shared expert (public notes on inclusionAI's release);
+    # vocab 157184 (what the 7.36B total leaves for the embedding and head); RoPE theta does not change the timing.
+    "llada-moe-7b": dict(family="llada_moe", dim=2048, n_layers=16, n_heads=16, n_kv_heads=16,
+                         intermediate_size=8192, vocab_size=157184, rope_theta=50000.0, norm_eps=1e-5,
+                         qkv_bias=False, rope_fp32=False, tie_embeddings=False, max_position=8192,
+                         mask_token_id=156895, eos_token_id=156892, pad_token_id=156892, logit_shift=0,
+                         qk_norm=True, moe=MoEArgs(num_experts=64, top_k=8, expert_intermediate_size=1024,
+                                                   shared_intermediate_size=None, norm_topk_prob=False,
+                                                   layers=(True,) * 16)),
     # --tiny: same code paths on the CPU in seconds
     "tiny-llada": dict(family="llada", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
                        vocab_size=512, rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, rope_fp32=True,
@@ -100,8 +111,16 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool 
     return model.eval().requires_grad_(False)
 
 
-def weight_bytes(model: DiffusionLM) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def weight_bytes(model: DiffusionLM, active: bool = False) -> int:
+    """Bytes of all weights; ``active``: of the weights one token uses (a mixture of experts counts top_k of its
+    num_experts experts), the floor the issue asks MoE steps to be measured against."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    moe = model.args.moe
+    if not active or moe is None:
+        return total
+    experts = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if n.endswith(("moe.w13", "moe.w2")))
+    return total - round(experts * (1 - moe.top_k / moe.num_experts))
 
 
 def forward_flops(a: ModelArgs, B: int, rows: int, keys: int, head_rows: int) -> float:
@@ -109,7 +128,9 @@ def forward_flops(a: ModelArgs, B: int, rows: int, keys: int, head_rows: int) ->
     hd = a.dim // a.n_heads
     per_row = 2 * a.dim * (a.n_heads * hd + 2 * a.n_kv_heads * hd)  # q, k, v
     per_row += 2 * a.n_heads * hd * a.dim  # output projection
-    per_row += 2 * a.dim * 2 * a.intermediate_size + 2 * a.intermediate_size * a.dim  # SwiGLU
+    inter = a.intermediate_size if a.moe is None else a.moe.top_k * a.moe.expert_intermediate_size + \
+        (a.moe.shared_intermediate_size or 0)  # a token's experts (and the shared one)
+    per_row += 2 * a.dim * 2 * inter + 2 * inter * a.dim  # SwiGLU
     attention = 4 * rows * keys * a.n_heads * hd  # QK^T and PV
     return B * (a.n_layers * (rows * per_row + attention) + 2 * head_rows * a.dim * a.vocab_size)
 
@@ -224,7 +245,7 @@ def profile_step(name: str, cache_name: str, device: torch.device, P: int = 256,
 
 def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save, device) -> list[dict]:
     """Every cache (and the eager variants at batch 1) on one model, batch size and length."""
-    a, wbytes, rows = model.args, weight_bytes(model), []
+    a, wbytes, rows = model.args, weight_bytes(model, active=True), []
     blocks = (args.blocks_b1 if B == 1 else args.blocks_b16) or G // block
     T = P + G
     if B == 1 and args.caches_b1:
@@ -241,7 +262,7 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
         # Rows a step of this cache must run at least (prefix: averaged over the decoded blocks).
         prefix_rows = sum(T - P - b * block for b in range(blocks)) / blocks
         rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift}.get(cache_name, block)
-        r.update(model=name, weight_bytes=wbytes,
+        r.update(model=name, weight_bytes=wbytes, all_weight_bytes=weight_bytes(model),
                  weight_floor_ms=wbytes / floors["copy_bytes_per_s"] * 1e3,
                  full_compute_floor_ms=forward_flops(a, B, T, T, block) / floors["matmul_flops_per_s"] * 1e3,
                  step_compute_floor_ms=forward_flops(a, B, rows_run, T, block) / floors["matmul_flops_per_s"] * 1e3)
