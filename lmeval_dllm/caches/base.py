@@ -36,6 +36,7 @@ import torch
 
 from lmeval_dllm.caches.graphs import StepGraphs
 from lmeval_dllm.models import DiffusionLM, LayerHooks
+from lmeval_dllm.models.rows import scatter_heads_
 from lmeval_dllm.samplers.base import Sampler
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 
@@ -154,3 +155,22 @@ class Cache(LayerHooks):
 
     def end_step(self, state: DecodeState, out: StepOutput) -> None:
         """Called after the sampler's decision was applied to ``state.x``."""
+
+
+class PositionStoreCache(Cache):
+    """A cache whose K/V storage has one slot per canvas position plus the trash slot of ``models/rows.py``
+    (``self.k``, ``self.v``: (n_layers, B, Hkv, T + 1, Dh); ``self.length`` = T): the rows a step runs write their
+    K/V at their own positions (dummies: the trash slot) and attend to every position's. dLLM-Cache and d2Cache."""
+
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+    length: int = 0
+
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, Hkv, M, Dh) of the rows run -> their slots ``input_pos`` (B, M); returns the cached K/V of
+        every position (B, Hkv, T, Dh)."""
+        T = self.length
+        scatter_heads_(self.k[layer_idx], input_pos, k)
+        scatter_heads_(self.v[layer_idx], input_pos, v)
+        return self.k[layer_idx, :, :, :T], self.v[layer_idx, :, :, :T]

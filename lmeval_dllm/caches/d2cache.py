@@ -55,9 +55,9 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache
+from lmeval_dllm.caches.base import PositionStoreCache
 from lmeval_dllm.models import DiffusionLM
-from lmeval_dllm.models.rows import gather_rope, scatter_heads_, store_index
+from lmeval_dllm.models.rows import gather_rope, store_index
 from lmeval_dllm.samplers.base import top_k_mask
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 
@@ -105,7 +105,7 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.T
     return torch.cat(out, dim=1)
 
 
-class D2Cache(Cache):
+class D2Cache(PositionStoreCache):
     """Per-step query selection by certainty density (masked rows) and attention rollout (the rest).
 
     Args:
@@ -223,15 +223,6 @@ class D2Cache(Cache):
         return self._logits(model, h, index, real, targets)
 
     # -- the model's layer hooks ------------------------------------------------------------------------------
-
-    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, Hkv, M, Dh) of the queried rows -> their slots ``input_pos`` (B, M) (placeholders: the trash
-        slot); returns the cached K/V of every position (B, Hkv, T, Dh)."""
-        T = self.length
-        scatter_heads_(self.k[layer_idx], input_pos, k)
-        scatter_heads_(self.v[layer_idx], input_pos, v)
-        return self.k[layer_idx, :, :, :T], self.v[layer_idx, :, :, :T]
 
     def observe_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """One rollout layer: R <- rownorm(A + I) R over the queried rows; other rows are identity rows."""

@@ -34,13 +34,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lmeval_dllm.caches.base import Cache, target_rows
+from lmeval_dllm.caches.base import PositionStoreCache, target_rows
 from lmeval_dllm.models import DiffusionLM
-from lmeval_dllm.models.rows import RowSubset, rank_ascending, scatter_heads_, scatter_rows_
+from lmeval_dllm.models.rows import RowSubset, rank_ascending, scatter_rows_
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
 
-class DLLMCache(Cache):
+class DLLMCache(PositionStoreCache):
     """Prompt features refreshed every ``kp`` steps, response features every ``kr`` steps, and in between the
     ``rou`` fraction of response rows whose values changed most.
 
@@ -165,15 +165,6 @@ class DLLMCache(Cache):
         index = torch.sort(prio, dim=-1, descending=True, stable=True).indices[:, :most]  # (B, M)
         real = torch.arange(most, device=h.device)[None, :] < plan["count"][:, None]
         return RowSubset(index, real, T)
-
-    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, Hkv, M, Dh) of the recomputed rows -> their slots ``input_pos`` (B, M) (dummies: the trash
-        slot); returns the cached K/V of every position (B, Hkv, T, Dh)."""
-        T = self.length
-        scatter_heads_(self.k[layer_idx], input_pos, k)
-        scatter_heads_(self.v[layer_idx], input_pos, v)
-        return self.k[layer_idx, :, :, :T], self.v[layer_idx, :, :, :T]
 
     def reuse(self, layer_idx: int, kind: str, rows: RowSubset, out: Optional[torch.Tensor]) -> torch.Tensor:
         """The stored attention or FFN outputs (B, T, D) of every position, with the fresh ``out`` (B, M, D) of

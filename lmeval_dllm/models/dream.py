@@ -9,7 +9,7 @@ Architecture and names follow the official ``modeling_dream.py`` (Qwen2: q/k/v b
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot
+from lmeval_dllm.models.loading import Slot, hf_decoder_names, swiglu_names
 from lmeval_dllm.models.transformer import ModelArgs
 
 
@@ -43,27 +43,11 @@ def parse_config(cfg: dict) -> ModelArgs:
 
 
 def weight_names(args: ModelArgs) -> dict[str, Slot]:
-    """{official checkpoint name: where it goes in our module}."""
-    q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    names = {
-        "model.embed_tokens.weight": Slot("tok_embeddings.weight"),
-        "model.norm.weight": Slot("norm.weight"),
-    }
-    if not args.tie_embeddings:
-        names["lm_head.weight"] = Slot("output.weight")
+    """{official checkpoint name: where it goes in our module}: the HF Qwen2 layout, q/k/v with bias."""
+    names = hf_decoder_names(args, qkv_bias=True)
     for i in range(args.n_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
-            for part, (proj, rows) in enumerate((("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))):
-                names[f"{src}self_attn.{proj}.{kind}"] = Slot(f"{dst}wqkv.{kind}", part, 3, rows)
-        names.update({
-            f"{src}input_layernorm.weight": Slot(f"{dst}attn_norm.weight"),
-            f"{src}self_attn.o_proj.weight": Slot(f"{dst}wo.weight"),
-            f"{src}post_attention_layernorm.weight": Slot(f"{dst}mlp_norm.weight"),
-            f"{src}mlp.gate_proj.weight": Slot(f"{dst}w13.weight", 0, 2, args.intermediate_size),
-            f"{src}mlp.up_proj.weight": Slot(f"{dst}w13.weight", 1, 2, args.intermediate_size),
-            f"{src}mlp.down_proj.weight": Slot(f"{dst}w2.weight"),
-        })
+        names.update(swiglu_names(f"model.layers.{i}.mlp.", f"layers.{i}.w13.weight", f"layers.{i}.w2.weight",
+                                  args.intermediate_size))
     return names
 
 

@@ -20,7 +20,7 @@ Release details reproduced here (``modeling_lladamoe.py``):
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot
+from lmeval_dllm.models.loading import Slot, hf_decoder_names, swiglu_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -93,34 +93,17 @@ def parse_config(cfg: dict) -> ModelArgs:
 
 
 def weight_names(args: ModelArgs) -> dict[str, Slot]:
-    """{official checkpoint name: where it goes in our module}."""
-    q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    """{official checkpoint name: where it goes in our module}: the HF layout (no q/k/v bias), q/k norms, and per
+    layer either the dense MLP or the router, the stacked experts and the shared expert."""
     moe = args.moe
-    names = {
-        "model.embed_tokens.weight": Slot("tok_embeddings.weight"),
-        "model.norm.weight": Slot("norm.weight"),
-    }
-    if not args.tie_embeddings:
-        names["lm_head.weight"] = Slot("output.weight")
+    names = hf_decoder_names(args, qkv_bias=False)
     for i in range(args.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for part, (proj, rows) in enumerate((("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))):
-            names[f"{src}self_attn.{proj}.weight"] = Slot(f"{dst}wqkv.weight", part, 3, rows)
-        names.update({
-            f"{src}input_layernorm.weight": Slot(f"{dst}attn_norm.weight"),
-            f"{src}self_attn.o_proj.weight": Slot(f"{dst}wo.weight"),
-            f"{src}post_attention_layernorm.weight": Slot(f"{dst}mlp_norm.weight"),
-        })
         if args.qk_norm:
             names[f"{src}self_attn.q_norm.weight"] = Slot(f"{dst}q_norm.weight")
             names[f"{src}self_attn.k_norm.weight"] = Slot(f"{dst}k_norm.weight")
         if not moe.layers[i]:
-            inter = args.intermediate_size
-            names.update({
-                f"{src}mlp.gate_proj.weight": Slot(f"{dst}w13.weight", 0, 2, inter),
-                f"{src}mlp.up_proj.weight": Slot(f"{dst}w13.weight", 1, 2, inter),
-                f"{src}mlp.down_proj.weight": Slot(f"{dst}w2.weight"),
-            })
+            names.update(swiglu_names(f"{src}mlp.", f"{dst}w13.weight", f"{dst}w2.weight", args.intermediate_size))
             continue
         E, inter = moe.num_experts, moe.expert_intermediate_size
         names[f"{src}mlp.gate.weight"] = Slot(f"{dst}moe.gate.weight")
@@ -130,12 +113,8 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
             names[f"{expert}up_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e + 1, 2 * E, inter)
             names[f"{expert}down_proj.weight"] = Slot(f"{dst}moe.w2", e, E, args.dim)
         if moe.shared_intermediate_size:
-            shared = moe.shared_intermediate_size
-            names.update({
-                f"{src}shared_expert.gate_proj.weight": Slot(f"{dst}moe.shared_w13.weight", 0, 2, shared),
-                f"{src}shared_expert.up_proj.weight": Slot(f"{dst}moe.shared_w13.weight", 1, 2, shared),
-                f"{src}shared_expert.down_proj.weight": Slot(f"{dst}moe.shared_w2.weight"),
-            })
+            names.update(swiglu_names(f"{src}shared_expert.", f"{dst}moe.shared_w13.weight",
+                                      f"{dst}moe.shared_w2.weight", moe.shared_intermediate_size))
     return names
 
 

@@ -29,6 +29,34 @@ class Slot:
     rows: int = 0  # rows of this piece when fused (parts > 1)
 
 
+def hf_decoder_names(args, *, qkv_bias: bool) -> dict[str, Slot]:
+    """{official name: Slot} of the parts every HF Llama / Qwen2-layout checkpoint names alike (Dream, LLaDA-MoE):
+    the embedding, the final norm, the LM head (unless tied) and, per layer, q/k/v (fused into ``wqkv``, with
+    their biases when ``qkv_bias``), ``o_proj`` and the two layer norms. The family adds its MLP names."""
+    q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    names = {"model.embed_tokens.weight": Slot("tok_embeddings.weight"), "model.norm.weight": Slot("norm.weight")}
+    if not args.tie_embeddings:
+        names["lm_head.weight"] = Slot("output.weight")
+    for i in range(args.n_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias") if qkv_bias else ("weight",):
+            for part, (proj, rows) in enumerate((("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))):
+                names[f"{src}self_attn.{proj}.{kind}"] = Slot(f"{dst}wqkv.{kind}", part, 3, rows)
+        names.update({
+            f"{src}input_layernorm.weight": Slot(f"{dst}attn_norm.weight"),
+            f"{src}self_attn.o_proj.weight": Slot(f"{dst}wo.weight"),
+            f"{src}post_attention_layernorm.weight": Slot(f"{dst}mlp_norm.weight"),
+        })
+    return names
+
+
+def swiglu_names(src: str, w13: str, w2: str, rows: int) -> dict[str, Slot]:
+    """{official name: Slot} of one HF SwiGLU MLP under prefix ``src`` (``gate_proj``, ``up_proj``, ``down_proj``):
+    gate and up fused into ``w13`` ([gate; up], ``rows`` each), down into ``w2``."""
+    return {f"{src}gate_proj.weight": Slot(w13, 0, 2, rows), f"{src}up_proj.weight": Slot(w13, 1, 2, rows),
+            f"{src}down_proj.weight": Slot(w2)}
+
+
 def resolve_checkpoint_dir(pretrained: str, revision: Optional[str] = None) -> str:
     """A local directory as is; otherwise a hub id, fetched (config, weights) into the HF cache."""
     if os.path.isdir(pretrained):
