@@ -252,8 +252,8 @@ def test_batch_rows_grow_independently_and_equal_each_row_alone(stops, nfe):
 # --- the tiny checkpoints --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family,low", [("llada", 0.03), ("dream", 0.027)])
-def test_tiny_batch_equals_each_prompt_alone(request, family, low):
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_tiny_batch_equals_each_prompt_alone(request, family):
     """Rows of a left-padded batch grow to different lengths and get exactly what they get alone."""
     from transformers import AutoTokenizer
 
@@ -263,10 +263,16 @@ def test_tiny_batch_equals_each_prompt_alone(request, family, low):
     model, tok = load_model(ck), AutoTokenizer.from_pretrained(ck)
     prompts = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
     enc, ids, mask = left_pad(tok, prompts)
-    kw = dict(initial_gen_length=8, max_gen_length=24, num_check_last_eot=4, expansion_factor=4,
-              initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=low, threshold=0.05)
-    sampler = daedal(eos=tok.eos_token_id, **kw)
-    batch = generate(model, ids, mask, sampler, GenerationConfig(None, 8), stop_token_ids=NEVER)
+    # A random model's confidences sit near 1/vocab, so which low-confidence threshold makes the rows grow
+    # differently depends on the checkpoint's draw: take the first of a grid that does.
+    for low in (0.02, 0.025, 0.027, 0.03, 0.032, 0.035, 0.04):
+        kw = dict(initial_gen_length=8, max_gen_length=24, num_check_last_eot=4, expansion_factor=4,
+                  initial_eot_expand_thres=0.0, decode_eot_expand_thres=1.0, low_conf_expand_thres=low,
+                  threshold=0.05)
+        sampler = daedal(eos=tok.eos_token_id, **kw)
+        batch = generate(model, ids, mask, sampler, GenerationConfig(None, 8), stop_token_ids=NEVER)
+        if len(set(batch.gen_lengths.tolist())) > 1:
+            break
     assert len(set(batch.gen_lengths.tolist())) > 1, "rows must grow differently for the test to mean something"
     for i, e in enumerate(enc):
         alone = generate(model, torch.tensor([e]), None, sampler, GenerationConfig(None, 8), stop_token_ids=NEVER)
