@@ -5,6 +5,11 @@
   inside a block the number committed at step i follows the linear schedule ``get_num_transfer_tokens``:
   ``m // s`` tokens, plus one for the first ``m % s`` steps (m masks, s steps per block). Alternatively
   ``num_transfer_tokens`` = n commits n per step (``steps = gen_length / n`` when n divides ``block_length``).
+- Dream (Ye et al., arXiv:2508.15487; DreamLM/Dream ``generation_utils.py``, ``diffusion_generate``):
+  ``schedule=dream`` takes the count from Dream's time grid instead, ``t_i = linspace(1, eps, s + 1)``: step i
+  commits ``floor(m * (1 - t_(i+1) / t_i))`` of the m masks still in the block (0 is possible), and the last step
+  commits every remaining one. With ``block_length = gen_length`` and ``alg`` set this is Dream's
+  ``diffusion_generate`` (the recipe of Dream-Coder and DiffuCoder).
 - Fast-dLLM (Wu et al., arXiv:2505.22618; NVlabs/Fast-dLLM ``llada/generate.py``): ``threshold`` commits every
   candidate whose confidence is >= threshold; ``factor`` commits the longest prefix of the ranked candidates
   with c_(n) >= 1 - factor / (n + 1). Both commit at least the schedule's count (at least one token).
@@ -37,6 +42,21 @@ def linear_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
     return base[:, None] + (i[None, :] < rem[:, None]).long()
 
 
+SCHEDULES = ("linear", "dream")
+
+
+def dream_count(masked: torch.Tensor, timesteps: torch.Tensor, i: int) -> torch.Tensor:
+    """Dream's per-step count: masked (B, L) bool, timesteps (s + 1,) float32 -> (B,) long.
+
+    ``int(m * (1 - t[i+1] / t[i]))`` in float32 (the release's arithmetic, so the counts round alike) for the m
+    masks left; every one of them at the last step. The release averages m over the batch; its rows always hold
+    the same number of masks, so the per-row count is the same number, and a batch equals each row alone."""
+    m = masked.sum(-1)
+    if i >= timesteps.shape[0] - 2:
+        return m
+    return (m.float() * (1 - timesteps[i + 1] / timesteps[i])).long()
+
+
 class LowConfidenceSampler(Sampler):
     """Commit the most confident masked positions of the block: top-n, or Fast-dLLM threshold / factor.
 
@@ -49,6 +69,10 @@ class LowConfidenceSampler(Sampler):
         factor: Fast-dLLM factor (> 0); mutually exclusive with ``threshold``.
         sigma: certainty prior (d2Cache, ``samplers/certainty_prior.py``): the confidence is multiplied by the
             density of decoded positions around each position before ranking and thresholding. None = off.
+        schedule: how ``steps`` turns into per-step counts: ``linear`` (LLaDA's ``get_num_transfer_tokens``,
+            the default) or ``dream`` (Dream's ``diffusion_generate`` time grid; needs ``steps``).
+        eps: the last time of Dream's grid (``linspace(1, eps, steps + 1)``; Dream's default 1e-3); only with
+            ``schedule=dream``.
 
     With ``threshold`` or ``factor``, ``steps`` / ``num_transfer_tokens`` give the minimum committed per step.
     """
@@ -64,8 +88,21 @@ class LowConfidenceSampler(Sampler):
         threshold: Optional[float] = None,
         factor: Optional[float] = None,
         sigma: Optional[float] = None,
+        schedule: str = "linear",
+        eps: Optional[float] = None,
     ):
         super().__init__(proposal)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if schedule == "dream" and steps is None:
+            raise ValueError("schedule=dream needs steps (the number of points of Dream's time grid per block); "
+                             f"got num_transfer_tokens={num_transfer_tokens}")
+        if eps is not None and schedule != "dream":
+            raise ValueError(f"eps={eps} is the end of Dream's time grid and only applies with schedule=dream "
+                             f"(schedule={schedule!r})")
+        eps = 1e-3 if eps is None else eps
+        if not (math.isfinite(eps) and 0.0 < eps < 1.0):
+            raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
         if steps is not None and num_transfer_tokens is not None:
             raise ValueError(
                 f"steps={steps} and num_transfer_tokens={num_transfer_tokens} both set the per-step count; give one "
@@ -87,6 +124,8 @@ class LowConfidenceSampler(Sampler):
         self.threshold = threshold
         self.factor = factor
         self.sigma = sigma
+        self.schedule = schedule
+        self.eps = float(eps)
 
     def validate_lengths(self, gen_length: int, block_length: int) -> None:
         if self.steps is None:
@@ -101,6 +140,10 @@ class LowConfidenceSampler(Sampler):
     def begin_block(self, state: DecodeState) -> None:
         if self.steps is not None:
             per_block = self.steps // (state.gen_length // (state.block.stop - state.block.start))
+            if self.schedule == "dream":
+                # float32, on the canvas's device, as Dream's diffusion_generate builds it
+                state.sampler_state["timesteps"] = torch.linspace(1, self.eps, per_block + 1, device=state.x.device)
+                return
             masked = (state.x[:, state.block] == state.mask_token_id).sum(-1)
             state.sampler_state["schedule"] = linear_schedule(masked, per_block)  # (B, s)
 
@@ -108,6 +151,9 @@ class LowConfidenceSampler(Sampler):
         """(B,) the least number of tokens this step commits (before clamping to the candidates)."""
         if self.steps is None:
             return torch.full((state.batch_size,), self.num_transfer_tokens or 1, device=state.x.device)
+        if self.schedule == "dream":
+            return dream_count(state.x[:, state.block] == state.mask_token_id, state.sampler_state["timesteps"],
+                               state.step_in_block)
         schedule = state.sampler_state["schedule"]
         return schedule[:, min(state.step_in_block, schedule.shape[1] - 1)].clamp(min=1)
 
