@@ -161,3 +161,21 @@ def test_unsupported_config_field_is_named(llada_dir, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+def test_long_context_llada_reads_rope_theta_and_length(llada_dir, tmp_path):
+    """UltraLLaDA-style long context: the same layout with a larger rope_theta and max_sequence_length (the
+    release's eval scales config.rope_theta). Both are read, and the theta changes the logits; a rope_scaling dict,
+    which modeling_llada.py does not implement, is refused by name."""
+    d = _copy(llada_dir, tmp_path)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.update(rope_theta=cfg["rope_theta"] * 16, max_sequence_length=131072)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    base, long = load_model(llada_dir), load_model(d)
+    assert long.args.rope_theta == base.args.rope_theta * 16 and long.args.max_position == 131072
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    assert not torch.allclose(full_logits(base, ids), full_logits(long, ids))
+    cfg["rope_scaling"] = {"type": "dynamic", "factor": 4.0}
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ValueError, match=r"LLaDA config.json has rope_scaling=\{'type': 'dynamic', 'factor': 4.0\}"):
+        load_model(d)

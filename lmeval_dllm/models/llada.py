@@ -29,6 +29,11 @@ def parse_config(cfg: dict) -> ModelArgs:
     for key, want in _REQUIRED.items():
         if key in cfg and cfg[key] != want:
             raise ValueError(f"LLaDA config.json has {key}={cfg[key]!r}; only {key}={want!r} is supported")
+    if cfg.get("rope_scaling"):
+        # modeling_llada.py has no RoPE scaling; a long-context release (UltraLLaDA) extends the context through
+        # rope_theta and max_sequence_length, which we read. A scaling dict would be another architecture.
+        raise ValueError(f"LLaDA config.json has rope_scaling={cfg['rope_scaling']!r}; only plain RoPE (its "
+                         f"rope_theta) is supported")
     if cfg.get("activation_type", "silu") != "silu":
         raise ValueError(f"LLaDA config.json has activation_type={cfg['activation_type']!r}; only 'silu' is supported")
     d_model, n_heads = cfg["d_model"], cfg["n_heads"]
