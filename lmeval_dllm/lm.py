@@ -252,17 +252,23 @@ class DLLM(StatsReporting, TemplateLM):
             tok.pad_token = tok.eos_token
         return tok
 
-    def _eot_id(self) -> Optional[int]:
-        """End-of-turn token of chat models (the family's ``end_of_turn``: LLaDA ``<|eot_id|>``, Dream
-        ``<|im_end|>``), if the vocab has one."""
+    def _end_of_turn_ids(self) -> list[int]:
+        """The family's ``end_of_turn`` tokens this vocab has, in the family's order (LLaDA ``<|eot_id|>``; Dream
+        ``<|im_end|>``, and DiffuCoder's ``<|dlm_pad|>``, which fills an answer's tail)."""
+        ids = []
         for name in self.family.end_of_turn:
             tid = self.tokenizer.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                return tid
-        return None
+                ids.append(tid)
+        return ids
+
+    def _eot_id(self) -> Optional[int]:
+        """The chat end-of-turn token (the first of :meth:`_end_of_turn_ids`), if the vocab has one."""
+        ids = self._end_of_turn_ids()
+        return ids[0] if ids else None
 
     def _stop_token_ids(self) -> torch.Tensor:
-        ids = {self.tokenizer.eos_token_id, self._eot_id(), self.model_args.eos_token_id}
+        ids = {self.tokenizer.eos_token_id, self.model_args.eos_token_id, *self._end_of_turn_ids()}
         ids.discard(None)
         if self.model_args.mask_token_id in ids:
             raise ValueError("the mask token is also a stop token in this checkpoint's config; cannot decode")

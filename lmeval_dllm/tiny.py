@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import FAMILIES, DiffusionLM, family_for, family_named
+from lmeval_dllm.models import FAMILIES, DiffusionLM, TinyTokenizer, family_for, family_named
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -31,9 +31,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_tokenizer(directory: str, family: str) -> dict[str, int]:
+def write_tokenizer(directory: str, family: str, spec: Optional[TinyTokenizer] = None) -> dict[str, int]:
     """Write a byte-level tokenizer with the family's special tokens and chat template (its
-    ``Family.tiny_tokenizer``).
+    ``Family.tiny_tokenizer``, or ``spec``: a release's own, e.g. ``models.dream.DIFFUCODER_TOKENIZER``).
 
     Returns the special-token ids by role (``bos``, ``eos``, ``eot``, ``mask``, ``pad``) and ``vocab``, the
     tokenizer's size.
@@ -41,7 +41,7 @@ def write_tokenizer(directory: str, family: str) -> dict[str, int]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    spec = family_named(family).tiny_tokenizer
+    spec = spec or family_named(family).tiny_tokenizer
     byte_map = _bytes_to_unicode()
     vocab = {byte_map[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -136,13 +136,14 @@ def save_sharded(directory: str, tensors: dict[str, torch.Tensor], shards: int =
 
 
 def write_checkpoint(directory: str, family: str = "llada", *, seed: int = 0, shards: int = 2,
-                     weights: Optional[dict[str, torch.Tensor]] = None, **config_overrides) -> str:
+                     weights: Optional[dict[str, torch.Tensor]] = None, tokenizer: Optional[TinyTokenizer] = None,
+                     **config_overrides) -> str:
     """Write a tiny random (or given) checkpoint of ``family`` (a name in ``lmeval_dllm.models.FAMILIES``) to
-    ``directory``: config.json from the family's ``tiny_config`` with ``config_overrides``, its tokenizer, sharded
-    safetensors under the official names."""
+    ``directory``: config.json from the family's ``tiny_config`` with ``config_overrides``, its tokenizer (or a
+    release's own, ``tokenizer``), sharded safetensors under the official names."""
     spec = family_named(family)
     os.makedirs(directory, exist_ok=True)
-    ids = write_tokenizer(directory, family)
+    ids = write_tokenizer(directory, family, tokenizer)
     config = spec.tiny_config(ids, **config_overrides)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

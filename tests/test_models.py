@@ -125,8 +125,10 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
     assert str(e.value) == (
         f"unsupported checkpoint in {d}/config.json (model_type 'llama', architectures ['LLaDAModelLM']); supported: "
         "llada (model_type 'llada', architectures LLaDAModelLM: GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, "
-        "GSAI-ML/LLaDA-1.5); dream (model_type 'Dream', architectures DreamModel: Dream-org/Dream-v0-Base-7B, "
-        "Dream-org/Dream-v0-Instruct-7B); llada_moe (model_type 'llada', architectures LLaDAMoEModelLM, "
+        "GSAI-ML/LLaDA-1.5, Zigeng/dParallel-LLaDA-8B-instruct, d3LLM/d3LLM_LLaDA, UltraLLaDA); dream (model_type "
+        "'Dream', architectures DreamModel: Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B, "
+        "Dream-org/Dream-Coder-v0-Base-7B, Dream-org/Dream-Coder-v0-Instruct-7B, apple/DiffuCoder-7B-Base, "
+        "apple/DiffuCoder-7B-Instruct, apple/DiffuCoder-7B-cpGRPO, d3LLM/d3LLM_Dream); llada_moe (model_type 'llada', architectures LLaDAMoEModelLM, "
         "LLaDAMoEModel: inclusionAI/LLaDA-MoE-7B-A1B-Base, inclusionAI/LLaDA-MoE-7B-A1B-Instruct, "
         "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD)")
 

@@ -1,4 +1,5 @@
-"""Dream family (Dream-v0-Base-7B, Dream-v0-Instruct-7B): HF ``model_type`` "Dream", architecture ``DreamModel``.
+"""Dream family (Dream-v0-Base-7B, Dream-v0-Instruct-7B, and the releases in its layout: Dream-Coder-v0,
+DiffuCoder, d3LLM-Dream): HF ``model_type`` "Dream", architecture ``DreamModel``.
 
 Dream (Ye et al., "Dream 7B: Diffusion Large Language Models", arXiv:2508.15487) is initialised from Qwen2.5 and
 keeps its autoregressive alignment: output row i-1 carries the distribution of position i. ``logit_shift = 1``
@@ -82,13 +83,17 @@ def tiny_config(ids: dict[str, int], *, hidden_size=64, num_hidden_layers=2, num
 
 FAMILY = Family(
     name="dream",
-    checkpoints="Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B",
+    checkpoints="Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B, Dream-org/Dream-Coder-v0-Base-7B, "
+                "Dream-org/Dream-Coder-v0-Instruct-7B, apple/DiffuCoder-7B-Base, apple/DiffuCoder-7B-Instruct, "
+                "apple/DiffuCoder-7B-cpGRPO, d3LLM/d3LLM_Dream",
     model_types=("Dream",),
     architectures=("DreamModel",),
     parse_config=parse_config,
     weight_names=weight_names,
     likelihood="dream",  # DreamLM/Dream eval/eval.py, _eval_target_nll_mc
-    end_of_turn=("<|im_end|>",),
+    # DiffuCoder's tokenizer pads with <|dlm_pad|> (151667), which fills the tail of an answer; its README cuts the
+    # answer there
+    end_of_turn=("<|im_end|>", "<|dlm_pad|>"),
     tiny_config=tiny_config,
     tiny_tokenizer=TinyTokenizer(
         specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"),
@@ -97,4 +102,13 @@ FAMILY = Family(
         chat_template=DREAM_CHAT_TEMPLATE,
     ),
     ignore=ignore,
+)
+
+# DiffuCoder's tokenizer (apple/DiffuCoder-7B-*): after Qwen2's specials, <|beginoftext|> 151665, <|mask|> 151666 and
+# its own pad <|dlm_pad|> 151667, which fills the tail of an answer. For tiny checkpoints in its layout
+# (``lmeval_dllm.tiny.write_checkpoint(dir, "dream", tokenizer=DIFFUCODER_TOKENIZER)``).
+DIFFUCODER_TOKENIZER = TinyTokenizer(
+    specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>", "<|dlm_pad|>"),
+    roles=dict(bos="<|beginoftext|>", eos="<|endoftext|>", eot="<|im_end|>", mask="<|mask|>", pad="<|dlm_pad|>"),
+    chat_template=DREAM_CHAT_TEMPLATE,
 )

@@ -1,5 +1,5 @@
-"""LLaDA family (LLaDA-8B-Base, LLaDA-8B-Instruct, LLaDA-1.5): HF ``model_type`` "llada", architecture
-``LLaDAModelLM``.
+"""LLaDA family (LLaDA-8B-Base, LLaDA-8B-Instruct, LLaDA-1.5, and fine-tunes in its layout: dParallel,
+d3LLM-LLaDA, UltraLLaDA): HF ``model_type`` "llada", architecture ``LLaDAModelLM``.
 
 LLaDA (Nie et al., "Large Language Diffusion Models", arXiv:2502.09992) is a mask predictor: output row i is the
 distribution of position i. Its checkpoints use OLMo-style names (``model.transformer.blocks.N.q_proj`` ...);
@@ -117,7 +117,8 @@ def tiny_config(ids: dict[str, int], *, d_model=64, n_layers=2, n_heads=4, n_kv_
 
 FAMILY = Family(
     name="llada",
-    checkpoints="GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5",
+    checkpoints="GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5, "
+                "Zigeng/dParallel-LLaDA-8B-instruct, d3LLM/d3LLM_LLaDA, UltraLLaDA",
     model_types=("llada",),
     architectures=("LLaDAModelLM",),
     parse_config=parse_config,
