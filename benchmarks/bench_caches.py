@@ -80,7 +80,10 @@ SHAPES = {
                        tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
                        pad_token_id=501, logit_shift=1),
 }
-CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {}}  # each cache at its defaults
+CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {},  # each cache at its defaults
+            # dInfer's vicinity refresh at 16 / 16 columns around the block, 4 warm-up passes (its defaults are 0,
+            # which is the dual cache)
+            "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4}}
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool = True) -> DiffusionLM:
@@ -261,7 +264,9 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
             continue
         # Rows a step of this cache must run at least (prefix: averaged over the decoded blocks).
         prefix_rows = sum(T - P - b * block for b in range(blocks)) / blocks
-        rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift}.get(cache_name, block)
+        vicinity = block + CACHE_KW["vicinity"]["prefix_look"] + CACHE_KW["vicinity"]["after_look"] + a.logit_shift
+        rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift,
+                    "vicinity": vicinity}.get(cache_name, block)
         r.update(model=name, weight_bytes=wbytes, all_weight_bytes=weight_bytes(model),
                  weight_floor_ms=wbytes / floors["copy_bytes_per_s"] * 1e3,
                  full_compute_floor_ms=forward_flops(a, B, T, T, block) / floors["matmul_flops_per_s"] * 1e3,
