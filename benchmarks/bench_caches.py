@@ -2,6 +2,7 @@
 
     python benchmarks/bench_caches.py --out results.json            # on a GPU: LLaDA-8B and Dream-7B shapes
     python benchmarks/bench_caches.py --tiny --out /tmp/tiny.json   # on the CPU: tiny shapes, checks the script
+    python benchmarks/bench_caches.py --strategy hierarchy ...       # another strategy at its defaults
 
 Models are built directly on the device with random bf16 weights in the shapes of LLaDA-8B (32 layers, d_model
 4096, 32 heads, MLP 12288, vocab 126464) and Dream-7B (28 layers, hidden 3584, 28 / 4 KV heads, MLP 18944,
@@ -170,12 +171,15 @@ def measure_floors(device: torch.device) -> dict:
 
 
 def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, block: int, blocks: int,
-               device: torch.device, use_graphs: bool = True) -> dict:
+               device: torch.device, use_graphs: bool = True, strategy: str = "vanilla") -> dict:
     a = model.args
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, a.mask_token_id, (B, P), generator=gen)
     cache = build_cache(cache_name, cuda_graphs=use_graphs, **CACHE_KW[cache_name])
-    sampler = build_sampler("vanilla", Proposal.from_params(), num_transfer_tokens=1)
+    # vanilla: one token per step (NFE = tokens); another strategy runs at its defaults (its step cost; on random
+    # weights its tokens per step mean nothing)
+    sampler = (build_sampler("vanilla", Proposal.from_params(), num_transfer_tokens=1) if strategy == "vanilla"
+               else build_sampler(strategy, Proposal.from_params()))
     events: list = []
     inner = cache.forward
 
@@ -216,11 +220,11 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
         steps_ms = [(marks[i + 1] - marks[i]) * 1e3 for i in range(len(events))]
         peak = 0
     committed = int(out.committed.sum())
-    assert committed == B * blocks * block, (committed, B, blocks, block)  # one token per row per step
+    assert committed == B * blocks * block, (committed, B, blocks, block)  # every decoded block filled
     cache.forward = inner
     del cache
     return {
-        "cache": cache_name, "batch": B, "prompt": P, "gen": G, "block": block, "blocks_decoded": blocks,
+        "cache": cache_name, "strategy": strategy, "batch": B, "prompt": P, "gen": G, "block": block, "blocks_decoded": blocks,
         "steps": out.steps, "graphs": use_graphs,
         "median_step_ms": statistics.median(steps_ms), "mean_step_ms": sum(steps_ms) / len(steps_ms),
         "tokens_per_s": committed / wall, "wall_s": wall, "peak_mem_gib": peak / 2 ** 30,
@@ -256,7 +260,7 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
     runs = [(c, True) for c in caches] + [(c, False) for c in eager if B == 1 and c in caches and P == G == 256]
     for cache_name, graphs in runs:
         try:
-            r = run_config(model, cache_name, B, P, G, block, blocks, device, graphs)
+            r = run_config(model, cache_name, B, P, G, block, blocks, device, graphs, args.strategy)
         except torch.cuda.OutOfMemoryError as e:  # report and go on with the next configuration
             print(f"OOM {name} B={B} {P}/{G} {cache_name}: {e}", flush=True)
             gc.collect()
@@ -288,6 +292,7 @@ def table(rows: list[dict], floors: dict) -> str:
         wf, cf = r["weight_floor_ms"], r["full_compute_floor_ms"]
         ratio = r["median_step_ms"] / (cf if r["cache"] == "none" else max(wf, r["step_compute_floor_ms"]))
         lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']}/{r['gen']} | {r['cache']}"
+                     f"{'' if r.get('strategy', 'vanilla') == 'vanilla' else ' / ' + r['strategy']}"
                      f"{'' if r['graphs'] else ' (eager)'} | {r['median_step_ms']:.2f} | {r['mean_step_ms']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {r['peak_mem_gib']:.1f} | {wf:.2f} | {cf:.2f} | {ratio:.2f} |")
     return "\n".join(lines)
@@ -300,6 +305,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--shapes", default="256x256,512x512", help="prompt x generation lengths")
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--strategy", default="vanilla", help="decoding strategy (vanilla: one token per step)")
     ap.add_argument("--caches-b1", default="", help="caches timed at batch 1 (default: --caches)")
     ap.add_argument("--blocks-b1", type=int, default=0, help="blocks decoded at batch 1 (0 = all)")
     ap.add_argument("--blocks-b16", type=int, default=1, help="blocks decoded at batch > 1 (0 = all)")
