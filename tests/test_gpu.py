@@ -45,6 +45,7 @@ STRATEGIES = {
     "daedal": {"initial_gen_length": 8, "max_gen_length": 32, "num_check_last_eot": 4, "threshold": 0.5},
     "hierarchy": {"threshold": 0.5, "low_threshold": 0.1},
     "credit": {"threshold": 0.3},
+    "prophet": {"early_threshold": 1.0, "mid_threshold": 0.5, "late_threshold": 0.1, "answer_start": 20},
 }
 CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),

@@ -27,6 +27,8 @@ RUNS = {
     "eb_sampler": ("dream", "gamma=6.0,sigma=8.0"),  # the tiny model's entropy is ~5.5 nats: two tokens a step
     "klass": ("llada", "threshold=0.0,kl_threshold=0.5"),
     "ar": ("llada", "num_transfer_tokens=1"),
+    # only the late phase can exit: at pass 6 of the 8 planned (6 / 8 >= 0.67), every mask left at once
+    "prophet": ("llada", "early_threshold=1e9,mid_threshold=1e9,late_threshold=0.0"),
 }
 
 
@@ -87,6 +89,9 @@ def per_step_rule(name, stats):
         assert committed == nfe
     else:  # several tokens in some steps
         assert all(c >= n for c, n in zip(committed, nfe)) and sum(committed) > sum(nfe)
+    if name == "prophet":  # ordinary one-token passes, then the all-in pass 6 (unless a stop token came first)
+        assert all(n <= 6 for n in nfe) and 6 in nfe
+        assert all(c == (GEN_LENGTH if n == 6 else n) for n, c in zip(nfe, committed))
     if name == "ar":  # left to right: a row stops right after committing its first stop token
         assert nfe == [min(r["answer_tokens"] + 1, GEN_LENGTH) for r in stats]
 

@@ -17,6 +17,7 @@ from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
 from lmeval_dllm.samplers.pc_sampler import PCSampler
 from lmeval_dllm.samplers.daedal import DaedalSampler
 from lmeval_dllm.samplers.proposal import Proposal
+from lmeval_dllm.samplers.prophet import ProphetSampler
 from lmeval_dllm.samplers.vanilla import LowConfidenceSampler
 from lmeval_dllm.samplers.wino import WinoSampler
 from lmeval_dllm.state import DecodeState, StepOutput
@@ -31,6 +32,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "daedal": DaedalSampler,  # DAEDAL: variable-length denoising (arXiv:2508.00819)
     "hierarchy": HierarchySampler,  # dInfer hierarchical decoding: each masked run's best (arXiv:2510.08666)
     "credit": CreditSampler,  # dInfer credit decoding: EMA credit of top-1 tokens fused into the logits
+    "prophet": ProphetSampler,  # Prophet: commit every mask once the answer's top-2 gap clears a phase threshold
 }
 
 
