@@ -27,6 +27,12 @@ SETTINGS = {
     "klass": "strategy=klass",  # KLASS, the release's defaults (threshold 0.9, kl_threshold 0.01, 2 steps)
     "wino": "strategy=wino",  # WINO, the release's defaults (wide_in_thres 0.6, narrow_out_thres 0.9)
     "threshold_0.9_dual": "threshold=0.9,cache=dual",  # Fast-dLLM's dual cache with its threshold
+    "hierarchy": "strategy=hierarchy,threshold=0.8,low_threshold=0.5",  # dInfer hierarchical decoding
+    "credit": "strategy=credit",  # dInfer credit decoding, the release's defaults (threshold 0.9, alpha 0.7)
+    # dInfer's vicinity refresh, with a window (its defaults 0 / 0 / 0 are the dual cache)
+    "threshold_0.9_vicinity": "threshold=0.9,cache=vicinity,prefix_look=16,after_look=16,warmup_steps=4",
+    "prophet": "strategy=prophet",  # Prophet early commit, the release's gap thresholds 7.5/5.0/2.5
+    "prophet_start_0": "strategy=prophet,answer_start=0",  # its gap read over the answer's first 5 tokens
 }
 
 
