@@ -222,6 +222,16 @@ def test_official_layout_and_tokenizer(ckpt):
     assert tok.convert_tokens_to_ids("<|mask|>") == load_model(ckpt).mask_token_id == cfg["mask_token_id"]
 
 
+def test_export_round_trips_the_official_tensors(ckpt):
+    """tiny.official_state_dict cuts our fused tensors back into the release's names and shapes, bit for bit."""
+    from lmeval_dllm.tiny import official_state_dict
+
+    _, w = official(ckpt)
+    exported = official_state_dict(load_model(ckpt))
+    assert sorted(exported) == sorted(w)
+    assert all(torch.equal(exported[k], w[k]) for k in w)
+
+
 def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor, allow: torch.Tensor) -> torch.Tensor:
     """The release's forward (modeling_llada2_moe.py) in float32 from the official tensors: fused q/k/v, q/k norm,
     RoPE on the first half of each head, attention under the (T, T) mask ``allow``, a dense first layer, then per
