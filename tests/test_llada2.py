@@ -334,9 +334,17 @@ def test_bfloat16_combine_is_float32_over_the_slots(ckpt):
     torch.testing.assert_close(moe._looped(x, weights, experts), torch.stack(rows), rtol=0, atol=0)
 
 
-def test_decoding_batch_equals_each_prompt_alone(ckpt):
-    """Bidirectional for now (block-causal attention lands with the block seam): a left-padded batch decodes
-    exactly as each prompt alone, tokens and forward passes."""
+CACHES = [None, ("prefix", {}), ("dual", {"refresh_interval": 3}), ("dllm", {"kp": 3, "kr": 2}),
+          ("d2cache", {"current_k": 3, "inflate_w": 2}), ("vicinity", {"prefix_look": 4, "after_look": 4})]
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=lambda c: "none" if c is None else c[0])
+def test_decoding_batch_equals_each_prompt_alone(ckpt, cache):
+    """Bidirectional for now (block-causal attention lands with the block seam): with every cache (their RoPE
+    tables now cover the rotated dims only), a left-padded batch decodes exactly as each prompt alone, tokens and
+    forward passes."""
+    from lmeval_dllm.caches import build_cache
+
     from transformers import AutoTokenizer
 
     model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
@@ -348,7 +356,8 @@ def test_decoding_batch_equals_each_prompt_alone(ckpt):
     def run(ids, mask):
         sampler = build_sampler("vanilla", Proposal.from_params().bind(tok.eos_token_id, None), threshold=0.9)
         return generate(model, ids, mask, sampler, GenerationConfig(16, 8),
-                        stop_token_ids=torch.tensor([tok.eos_token_id]))
+                        stop_token_ids=torch.tensor([tok.eos_token_id]),
+                        cache=None if cache is None else build_cache(cache[0], **cache[1]))
 
     batch = run(ids, mask)
     for i, e in enumerate(enc):
@@ -373,3 +382,22 @@ def test_through_the_lm_eval_model(ckpt):
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     with pytest.raises(ValueError, match="model family 'llada2' has no likelihood scheme"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("Hi", " there"), 0)])
+
+
+@pytest.mark.parametrize("cache", [("prefix", {"refresh_interval": 1}), ("dual", {"refresh_interval": 1}),
+                                   ("dllm", {"kp": 1, "kr": 1})], ids=lambda c: c[0])
+def test_cache_refreshed_every_step_equals_no_cache(ckpt, cache):
+    from transformers import AutoTokenizer
+
+    from lmeval_dllm.caches import build_cache
+
+    model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    ids = torch.tensor([tok(PROMPTS[0], add_special_tokens=False).input_ids])
+
+    def run(c):
+        sampler = build_sampler("vanilla", Proposal.from_params().bind(tok.eos_token_id, None), threshold=0.9)
+        return generate(model, ids, None, sampler, GenerationConfig(16, 8), stop_token_ids=torch.tensor([-1]),
+                        cache=c)
+
+    plain, cached = run(None), run(build_cache(cache[0], **cache[1]))
+    assert cached.tokens.tolist() == plain.tokens.tolist() and cached.nfe.tolist() == plain.nfe.tolist()
