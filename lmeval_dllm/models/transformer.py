@@ -4,7 +4,8 @@ LLaDA (arXiv:2502.09992) and Dream (arXiv:2508.15487) are both pre-norm Llama-st
 RoPE, SwiGLU and *bidirectional* attention; they differ in weight names, q/k/v bias, RoPE precision and in
 which output row predicts which position (Dream is "adapted from AR": row i predicts position i+1). A family
 file (``llada.py``, ``dream.py``) reads ``config.json`` into :class:`ModelArgs` and names the weights; the layer
-loop, the residual structure and the head live here, written once.
+loop, the residual structure and the head live here, written once. The MoE families (LLaDA-MoE, LLaDA2) swap
+the MLP for :class:`MoE`; LLaDA2 also rotates only part of each head (``ModelArgs.partial_rotary_factor``).
 
 Caches meet the model only through :class:`LayerHooks`, called by each layer (gpt-fast's ``KVCache`` verbs,
 grown by what the approximate caches need):
