@@ -33,6 +33,15 @@ SHAPES = {
                       pad_token_id=501, logit_shift=0, qk_norm=True,
                       moe=MoEArgs(num_experts=8, top_k=2, expert_intermediate_size=32, shared_intermediate_size=48,
                                   norm_topk_prob=False, layers=(False, True))),
+    # LLaDA2: sigmoid router with bias, 4 groups of 4 (2 kept), scaled, float32 combine; partial RoPE
+    "llada2": dict(family="llada2", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                   vocab_size=512, rope_theta=600000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False,
+                   tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
+                   pad_token_id=501, logit_shift=0, qk_norm=True, partial_rotary_factor=0.5,
+                   moe=MoEArgs(num_experts=16, top_k=4, expert_intermediate_size=16, shared_intermediate_size=16,
+                               norm_topk_prob=True, layers=(False, True), score_function="sigmoid",
+                               expert_bias=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                               norm_topk_eps=1e-20, weights_fp32=True, router_fp32=True)),
 }
 # Strategies checked with every cache they can use (lengths 32 / 8; DAEDAL from 8, at most 32).
 STRATEGIES = {
@@ -91,7 +100,7 @@ def decode(model, strategy, cache, batch):
     return out.tokens.cpu(), seen
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2"])
 def test_fused_kernels_match_the_plain_ops(family):
     first, _ = batches(random_model(family))
     fused, fused_logits = decode(random_model(family), "vanilla", Cache(cuda_graphs=False), first)
@@ -100,7 +109,7 @@ def test_fused_kernels_match_the_plain_ops(family):
     assert max((a - b).abs().max().item() for a, b in zip(fused_logits, plain_logits)) <= 1e-3
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
     """With CUDA graphs, every cache gives the logits and tokens it gives eagerly, also when one cache object
@@ -206,10 +215,11 @@ def test_batch_size_auto_finds_a_batch_that_fits_by_real_out_of_memory(tmp_path,
     assert answers == DLLM(batch_size=3, **common).generate_until(requests, disable_tqdm=True)
 
 
-def test_moe_grouped_experts_in_bfloat16_under_cuda_graphs():
-    """LLaDA-MoE in bfloat16 takes the grouped-matmul experts: equal to every expert on every token, and CUDA
-    graphs replay it with the eager tokens (no host sync inside the step)."""
-    model = random_model("llada_moe", dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", ["llada_moe", "llada2"])
+def test_moe_grouped_experts_in_bfloat16_under_cuda_graphs(family):
+    """LLaDA-MoE and LLaDA2 in bfloat16 take the grouped-matmul experts: equal to every expert on every token,
+    and CUDA graphs replay it with the eager tokens (no host sync inside the step)."""
+    model = random_model(family, dtype=torch.bfloat16)
     moe = model.layers[1].moe
     x = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
     weights, experts = moe.route(x)

@@ -65,13 +65,14 @@ FAMILIES = {
     "llada": (["q_proj", "k_proj", "v_proj", "ff_proj", "up_proj", "attn_out"], {}),
     "dream": (["q_proj", "v_proj", "gate_proj", "down_proj"], {}),
     "llada_moe": (["q_proj", "o_proj", "gate_proj"], {}),  # gate_proj: the dense layer's and every expert's
+    "llada2": (["query_key_value", "dense", "up_proj"], {}),  # fused q/k/v; up_proj: dense, experts, shared
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("rslora", [False, True])
 def test_adapter_merges_as_peft_merges(tmp_path, family, rslora):
-    kw = {"moe_layer_freq": [0, 1]} if family == "llada_moe" else {}
+    kw = {"llada_moe": {"moe_layer_freq": [0, 1]}, "llada2": {"num_hidden_layers": 2}}.get(family, {})
     ckpt = write_checkpoint(str(tmp_path / "ckpt"), family, seed=2, **kw)
     targets, extra = FAMILIES[family]
     merged = make_adapter(ckpt, str(tmp_path / "adapter"), targets, r=4, lora_alpha=8, use_rslora=rslora, **extra)

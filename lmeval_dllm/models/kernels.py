@@ -27,16 +27,26 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., Dh) rotated in its first R = cos.shape[-1] dims, each half of those R rotated against the other
+    (HF's rotate_half); the last Dh - R dims pass through unchanged. R < Dh is partial RoPE (LLaDA2:
+    ``partial_rotary_factor`` 0.5, the release's ``apply_rotary_pos_emb``: ``q[..., :rotary_dim]``)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, x[..., r:]), dim=-1)
+
+
 def rope_fp32(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """LLaDA (rope_full_precision): rotate q and k in float32, cast back. cos/sin (B, 1, Q, Dh) float32."""
-    q32, k32 = q.float(), k.float()
-    return (q32 * cos + rotate_half(q32) * sin).to(q.dtype), (k32 * cos + rotate_half(k32) * sin).to(k.dtype)
+    """LLaDA (rope_full_precision): rotate q and k in float32, cast back. cos/sin (B, 1, Q, R) float32."""
+    return rotary(q.float(), cos, sin).to(q.dtype), rotary(k.float(), cos, sin).to(k.dtype)
 
 
 def rope_native(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Dream / HF Qwen2: cos/sin cast to the model dtype first, rotation in the model dtype."""
+    """Dream / HF Qwen2 / LLaDA2: cos/sin cast to the model dtype first, rotation in the model dtype."""
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotary(q, cos, sin), rotary(k, cos, sin)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ LLaDA (arXiv:2502.09992) and Dream (arXiv:2508.15487) are both pre-norm Llama-st
 RoPE, SwiGLU and *bidirectional* attention; they differ in weight names, q/k/v bias, RoPE precision and in
 which output row predicts which position (Dream is "adapted from AR": row i predicts position i+1). A family
 file (``llada.py``, ``dream.py``) reads ``config.json`` into :class:`ModelArgs` and names the weights; the layer
-loop, the residual structure and the head live here, written once.
+loop, the residual structure and the head live here, written once. The MoE families (LLaDA-MoE, LLaDA2) swap
+the MLP for :class:`MoE`; LLaDA2 also rotates only part of each head (``ModelArgs.partial_rotary_factor``).
 
 Caches meet the model only through :class:`LayerHooks`, called by each layer (gpt-fast's ``KVCache`` verbs,
 grown by what the approximate caches need):
@@ -38,16 +39,28 @@ _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 @dataclass(frozen=True)
 class MoEArgs:
-    """A mixture-of-experts MLP (LLaDA-MoE; OLMoE-style routing): a softmax router over ``num_experts`` SwiGLU
-    experts, each token's ``top_k`` most probable experts run and are summed, weighted by their probabilities,
-    plus an optional shared expert every token runs."""
+    """A mixture-of-experts MLP: a router over ``num_experts`` SwiGLU experts, each token's ``top_k`` best experts
+    run and are summed, weighted by their router scores, plus an optional shared expert every token runs.
+
+    The defaults are LLaDA-MoE's (OLMoE-style: softmax router, plain top-k, no bias, no scaling). LLaDA2.0
+    (DeepSeek-V3-style, ``modeling_llada2_moe.py``'s ``LLaDA2MoeGate``) sets the rest: a sigmoid router, an expert
+    score-correction bias that only chooses experts, group-limited top-k and a routed scaling factor."""
 
     num_experts: int
     top_k: int
     expert_intermediate_size: int
     shared_intermediate_size: Optional[int]  # None: no shared expert
-    norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
+    norm_topk_prob: bool  # renormalise the top-k scores to sum to 1
     layers: tuple[bool, ...]  # per layer: True = MoE MLP, False = the dense MLP (ModelArgs.intermediate_size)
+    score_function: str = "softmax"  # "softmax" (probabilities over the experts) | "sigmoid" (independent scores)
+    expert_bias: bool = False  # a per-expert bias added to the scores to *choose* experts, not to weight them
+    n_group: int = 1  # experts in n_group contiguous groups; a token may only pick from its topk_group best groups
+    topk_group: int = 1  # (a group's score: the sum of its 2 best biased scores); n_group == topk_group: no limit
+    routed_scaling_factor: float = 1.0  # multiplies the (renormalised) top-k weights
+    norm_topk_eps: float = 0.0  # added to the sum when renormalising (LLaDA2: 1e-20)
+    weights_fp32: bool = False  # weight and sum the k expert outputs in float32 (LLaDA2's moe_infer), not in
+    # the activations' dtype (LLaDA-MoE)
+    router_fp32: bool = False  # the router's matmul in float32 (LLaDA2), not in the model dtype (LLaDA-MoE)
 
 
 @dataclass(frozen=True)
@@ -71,10 +84,18 @@ class ModelArgs:
     logit_shift: int  # 0: row i predicts position i (LLaDA); 1: row i-1 predicts position i (Dream)
     qk_norm: bool = False  # RMSNorm over each head's q and k (one weight of head_dim shared by the heads), before RoPE
     moe: Optional[MoEArgs] = None  # None: every layer has the dense SwiGLU MLP
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first int(factor * head_dim) dims of each head (LLaDA2: 0.5)
+    attn_out_bias: bool = False  # the attention output projection has a bias (LLaDA2's use_bias)
+    block_size: Optional[int] = None  # None: bidirectional attention; an int: block-causal (LLaDA2: 32)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of each head RoPE rotates (the first ones; the rest pass through unrotated)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 class LayerHooks:
@@ -129,7 +150,7 @@ class Block(nn.Module):
         self.qkv_split = (q_dim, kv_dim, kv_dim)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, fuse)
         self.wqkv = nn.Linear(args.dim, q_dim + 2 * kv_dim, bias=args.qkv_bias)
-        self.wo = nn.Linear(q_dim, args.dim, bias=False)
+        self.wo = nn.Linear(q_dim, args.dim, bias=args.attn_out_bias)
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps, fuse)
         # Per-head q/k RMSNorm (LLaDA-MoE's qk_layernorm); None for LLaDA and Dream.
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps, fuse) if args.qk_norm else None
@@ -223,20 +244,26 @@ def _has_grouped_mm(device: torch.device) -> bool:
 
 
 class MoE(nn.Module):
-    """Mixture of SwiGLU experts with a softmax top-k router, as LLaDA-MoE's ``LLaDAMoESparseMoeBlock`` (OLMoE's
-    block) computes it, plus its optional shared expert: for each token x,
+    """Mixture of SwiGLU experts with a top-k router, plus an optional shared expert: for each token x,
 
-        p = softmax(router(x)) in float32,  (w, e) = top_k(p)  (w / sum(w) if norm_topk_prob),
+        s = score(router(x)) (softmax over the experts, or an elementwise sigmoid) in float32,
+        e = the top_k experts of s + bias (only among the topk_group best of n_group expert groups),
+        w = s[e] (/ sum(s[e]) if norm_topk_prob) * routed_scaling_factor,
         y = sum_j w_j * expert_{e_j}(x) + shared(x).
+
+    LLaDA-MoE's ``LLaDAMoESparseMoeBlock`` (OLMoE's block) is the softmax router without bias, groups or scaling;
+    LLaDA2's ``LLaDA2MoeSparseMoeBlock`` + ``LLaDA2MoeGate`` (DeepSeek-V3's routing, arXiv:2412.19437) is all of
+    it: a float32 sigmoid router, the bias (``expert_bias``) that steers the choice but not the weights, groups
+    scored by the sum of their two best biased scores, renormalised weights times 2.5, and the weighted sum over
+    the k slots in float32 (``weights_fp32``).
 
     The experts' weights are stacked along dim 0 the way the loader fuses official tensors: ``w13`` (E * 2I, D) =
     [gate_0; up_0; gate_1; up_1; ...] and ``w2`` (E * D, I) = [down_0; down_1; ...].
 
-    Three computations of the same sum: on the CPU a loop over the experts, each running the tokens routed to it
-    and adding into the output in expert order, the release's order (bit-equal to it in bfloat16 on the CPU); on
-    a GPU in bfloat16, the (token, expert) pairs sorted by expert and two grouped matrix products
-    (``torch._grouped_mm``); on any other GPU, every expert on every token. The GPU paths have no host sync and
-    no Python loop, so CUDA graphs capture them.
+    Three computations of the same sum: on the CPU a loop over the experts, each running the tokens routed to it,
+    in the release's order (bit-equal to it in bfloat16 on the CPU); on a GPU in bfloat16, the (token, expert)
+    pairs sorted by expert and two grouped matrix products (``torch._grouped_mm``); on any other GPU, every expert
+    on every token. The GPU paths have no host sync and no Python loop, so CUDA graphs capture them.
     """
 
     def __init__(self, args: ModelArgs, fuse: bool = True):
@@ -244,8 +271,13 @@ class MoE(nn.Module):
         m = args.moe
         self.fuse = fuse
         self.num_experts, self.top_k, self.norm_topk_prob = m.num_experts, m.top_k, m.norm_topk_prob
+        self.score_function, self.n_group, self.topk_group = m.score_function, m.n_group, m.topk_group
+        self.scaling, self.norm_topk_eps, self.weights_fp32 = m.routed_scaling_factor, m.norm_topk_eps, m.weights_fp32
+        self.router_fp32 = m.router_fp32
         self.inter = m.expert_intermediate_size
         self.gate = nn.Linear(args.dim, m.num_experts, bias=False)  # the router
+        # (E,) the score-correction bias: float parameter loaded from the checkpoint (a buffer in the release)
+        self.expert_bias = nn.Parameter(torch.zeros(m.num_experts)) if m.expert_bias else None
         self.w13 = nn.Parameter(torch.empty(m.num_experts * 2 * self.inter, args.dim))
         self.w2 = nn.Parameter(torch.empty(m.num_experts * args.dim, self.inter))
         self.shared_w13 = self.shared_w2 = None
@@ -254,12 +286,38 @@ class MoE(nn.Module):
             self.shared_w2 = nn.Linear(m.shared_intermediate_size, args.dim, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, D) -> the top-k routing weights (N, k) in x's dtype and the experts chosen (N, k) long."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
-        weights, experts = probs.topk(self.top_k, dim=-1)
+        """x (N, D) -> the top-k routing weights (N, k) (float32 if ``weights_fp32``, else x's dtype) and the
+        experts chosen (N, k) long, best first."""
+        if self.router_fp32:  # LLaDA2: F.linear(h.float(), W.float())
+            logits = F.linear(x.float(), self.gate.weight.float())
+        else:
+            logits = self.gate(x)
+        if self.score_function == "sigmoid":
+            scores = torch.sigmoid(logits.float())  # (N, E)
+        else:
+            scores = F.softmax(logits, dim=-1, dtype=torch.float32)  # (N, E)
+        if self.expert_bias is None and self.topk_group == self.n_group:
+            weights, experts = scores.topk(self.top_k, dim=-1)
+        else:
+            choice = scores if self.expert_bias is None else scores + self.expert_bias
+            if self.topk_group < self.n_group:
+                choice = self.limit_groups(choice)
+            experts = choice.topk(self.top_k, dim=-1).indices
+            weights = scores.gather(1, experts)  # the unbiased scores weight the experts
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), experts
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_topk_eps)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
+        return (weights if self.weights_fp32 else weights.to(x.dtype)), experts
+
+    def limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice (N, E) -> the same with -inf outside each token's ``topk_group`` best groups of experts (a
+        group = E / n_group consecutive experts, scored by the sum of its two best entries)."""
+        N, E = choice.shape
+        group_scores = choice.view(N, self.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        best = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return choice.masked_fill(~keep.repeat_interleave(E // self.n_group, dim=1), float("-inf"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, Q, D), already normed -> (B, Q, D)."""
@@ -278,16 +336,24 @@ class MoE(nn.Module):
             out = out + self.shared_w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
         return out
 
+    @staticmethod
+    def _combine(pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """pairs (N, k, D) expert outputs in (token, slot) order, weights (N, k) float32 -> (N, D): weighted and
+        summed over the slots in float32, then cast back (LLaDA2's ``moe_infer``)."""
+        return (pairs.float() * weights[..., None]).sum(dim=1).to(pairs.dtype)
+
     def _looped(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        D, I = flat.shape[1], self.inter
+        (N, D), I, k = flat.shape, self.inter, self.top_k
         w13, w2 = self.w13.view(self.num_experts, 2 * I, D), self.w2.view(self.num_experts, D, I)
-        out = torch.zeros_like(flat)
+        out = flat.new_zeros(N, k, D) if self.weights_fp32 else torch.zeros_like(flat)
         for e in range(self.num_experts):
             token, slot = torch.where(experts == e)  # a token picks an expert at most once
-            gate_up = F.linear(flat[token], w13[e])  # (n_e, 2I)
-            y = F.linear(swiglu(gate_up), w2[e]) * weights[token, slot, None]  # (n_e, D)
-            out.index_add_(0, token, y)
-        return out
+            y = F.linear(swiglu(F.linear(flat[token], w13[e])), w2[e])  # (n_e, D)
+            if self.weights_fp32:
+                out[token, slot] = y
+            else:  # weighted in x's dtype and added in expert order, as LLaDA-MoE's release does
+                out.index_add_(0, token, y * weights[token, slot, None])
+        return self._combine(out, weights) if self.weights_fp32 else out
 
     def _dense(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, the unchosen ones weighted 0: num_experts / top_k times the work, but
@@ -296,6 +362,9 @@ class MoE(nn.Module):
         E, I = self.num_experts, self.inter
         gate_up = torch.einsum("nd,efd->enf", flat, self.w13.view(E, 2 * I, D))  # (E, N, 2I)
         y = torch.bmm(swiglu(gate_up), self.w2.view(E, D, I).transpose(1, 2))  # (E, N, D)
+        if self.weights_fp32:
+            tokens = torch.arange(N, device=flat.device)[:, None]  # (N, 1)
+            return self._combine(y[experts, tokens], weights)  # y[experts, tokens]: (N, k, D)
         weight = torch.zeros(N, E, dtype=flat.dtype, device=flat.device).scatter(1, experts, weights)  # (N, E)
         return (y * weight.T[..., None]).sum(dim=0)
 
@@ -312,6 +381,9 @@ class MoE(nn.Module):
         w2 = self.w2.view(E, D, I).transpose(1, 2)  # (E, I, D)
         h = torch._grouped_mm(xs, w13, offs=offs)  # (N*k, 2I)
         h = torch._grouped_mm(swiglu(h), w2, offs=offs)  # (N*k, D)
+        if self.weights_fp32:
+            pairs = torch.empty_like(h).index_copy_(0, order, h)  # (token, slot) order
+            return self._combine(pairs.view(N, k, D), weights)
         h = h * weights.reshape(-1)[order, None]
         pairs = torch.empty_like(h).index_copy_(0, order, h)  # back to (token, slot) order: deterministic sum
         return pairs.view(N, k, D).sum(dim=1)
@@ -341,8 +413,8 @@ class DiffusionLM(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
 
     def _inv_freq(self, device) -> torch.Tensor:
-        a = self.args
-        return 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32, device=device) / a.head_dim))
+        a, d = self.args, self.args.rope_dim  # partial RoPE: the frequencies of the rotated dims only (HF's rule)
+        return 1.0 / (a.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
 
     def init_buffers(self, device) -> None:
         """Recompute non-persistent buffers after building on the meta device and loading weights."""
@@ -365,9 +437,10 @@ class DiffusionLM(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def rope(self, position_ids: torch.Tensor):
-        """position_ids (B, Q) -> cos, sin (B, 1, Q, Dh) in float32."""
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, Q, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, Q, Dh)
+        """position_ids (B, Q) -> cos, sin (B, 1, Q, R) in float32, R = ``args.rope_dim`` (= Dh unless RoPE is
+        partial)."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, Q, R/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, Q, R)
         return emb.cos(), emb.sin()
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
