@@ -287,8 +287,8 @@ def block_aligned_canvas(prompt_ids: torch.Tensor, prompt_mask: Optional[torch.T
 
 
 def answer_columns(gen: torch.Tensor, start: torch.Tensor, width: torch.Tensor, *, fill: int) -> torch.Tensor:
-    """gen (B, W), start (B,), width (B,) -> (B, max width): row i's columns ``[start_i, start_i + width_i)``
-    left-aligned, ``fill`` after them."""
+    """gen (B, W), start (B,), width (B,) -> (B, W): row i's columns ``[start_i, start_i + width_i)``
+    left-aligned, ``fill`` after them (the width stays W: no host read)."""
     W = int(gen.shape[1])
     col = torch.arange(W, device=gen.device)[None, :]
     src = (start[:, None] + col).clamp(max=W - 1)

@@ -179,9 +179,17 @@ class DLLM(StatsReporting, TemplateLM):
         if _launched_world_size() > 1:
             self._device = self._setup_processes(device)
         self.max_length = self.max_length_arg or self.model_args.max_position
+        self.block_size = self.model_args.block_size  # None: bidirectional; else block diffusion (SDAR, TraDo)
+        if self.block_size is not None and cache is None:  # its exact KV cache, unless cache= says otherwise
+            self.cache_name = "block"
+            self.cache = build_cache("block", cuda_graphs=self.cuda_graphs)
+            self._note([f"cache=block: the exact KV cache of finished blocks, the default for the block-causal "
+                        f"{self.family.name!r} model (block size {self.block_size}); cache=none runs the whole canvas"])
         # Lengths against the model's context, before the weights are read: a given length that cannot fit is
-        # an error, a default that does not fit is fitted (a logged note).
-        self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length).notes)
+        # an error, a default that does not fit is fitted (a logged note). A block-causal model's block size and
+        # the strategies / caches it cannot use are checked here too.
+        self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length,
+                           block_size=self.block_size).notes)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
@@ -200,7 +208,8 @@ class DLLM(StatsReporting, TemplateLM):
     def _decoding_for(self, gen_kwargs: dict) -> tuple[GenerationConfig, Any, list[str]]:
         """One request group's settings (``lmeval_dllm.decoding.resolve``: --model_args > task gen kwargs >
         defaults), its sampler bound to this tokenizer's EOS / end-of-turn ids, and its stop strings."""
-        decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length)
+        decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length,
+                           block_size=self.block_size)
         self._note(decoding.notes)
         sampler = decoding.sampler
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())
