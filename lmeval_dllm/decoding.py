@@ -158,7 +158,8 @@ def resolve(
         max_length: the model's context (prompt + generation); None skips the checks and fits against it.
         block_size: a block-causal model's block size (``ModelArgs.block_size``; None = bidirectional or not yet
             known): ``block_length`` defaults to it and must equal it; strategies and caches it cannot serve are
-            refused (``generate.check_block_causal``).
+            refused (``generate.check_block_causal``; the caller checks a block-causal-only cache against a
+            bidirectional model, which this function cannot tell from "not known yet").
     Raises:
         ValueError: naming the parameter, its value and what is allowed.
     """
@@ -194,7 +195,8 @@ def resolve(
     # 3-5. Lengths.
     config = None
     block_length = params.get("block_length")
-    check_block_causal(block_size, chooser, cache_class(cache), block_length)
+    if block_size is not None:
+        check_block_causal(block_size, chooser, cache_class(cache), block_length)
     if chooser.sizes_canvas:
         if task_gen_kwargs is not None:
             notes.append(f"strategy {strategy!r} chooses each answer's length: the task's "

@@ -37,14 +37,15 @@ from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lmeval_dllm.caches import build_cache
+from lmeval_dllm.caches import build_cache, cache_class
 from lmeval_dllm.decoding import (  # noqa: F401 - re-exported: lm.py was their home
     DEFAULT_BLOCK_LENGTH, DEFAULT_MAX_GEN_TOKS, LOOP_PARAMS, MAX_TOKENS_KEYS, PROPOSAL_PARAMS, accepted_params,
     resolve, split_gen_kwargs,
 )
-from lmeval_dllm.generate import GenerationConfig, generate
+from lmeval_dllm.generate import GenerationConfig, check_block_causal, generate
 from lmeval_dllm.likelihood import MonteCarloLikelihood, estimate, greedy_matches
 from lmeval_dllm.params import coerce
+from lmeval_dllm.samplers import sampler_class
 from lmeval_dllm.stats import RequestStats, StatsLog, StatsReporting
 
 # A child of lm-eval's logger, so our INFO lines (the decoding statistics) print with lm-eval's own.
@@ -180,6 +181,7 @@ class DLLM(StatsReporting, TemplateLM):
             self._device = self._setup_processes(device)
         self.max_length = self.max_length_arg or self.model_args.max_position
         self.block_size = self.model_args.block_size  # None: bidirectional; else block diffusion (SDAR, TraDo)
+        check_block_causal(self.block_size, sampler_class(strategy), cache_class(self.cache_name), None)
         if self.block_size is not None and cache is None:  # its exact KV cache, unless cache= says otherwise
             self.cache_name = "block"
             self.cache = build_cache("block", cuda_graphs=self.cuda_graphs)

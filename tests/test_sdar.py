@@ -330,8 +330,13 @@ def test_block_length_defaults_to_the_block_size():
 
 
 def test_cache_block_needs_a_block_causal_model():
+    from lmeval_dllm.caches import CACHES
+    from lmeval_dllm.generate import check_block_causal
+    from lmeval_dllm.samplers import SAMPLERS
+
     with pytest.raises(ValueError, match=r"^cache='block' serves block-causal \(block-diffusion\) models only"):
-        resolve("vanilla", "block", {}, {"max_gen_toks": 16}, block_size=None)
+        check_block_causal(None, SAMPLERS["vanilla"], CACHES["block"], None)
+    resolve("vanilla", "block", {}, {"max_gen_toks": 16})  # the model not known yet: nothing to say
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
