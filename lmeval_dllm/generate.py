@@ -113,7 +113,8 @@ def generate(
     stop_token_ids = stop_token_ids.to(device)
     answer_start = answer_width = None
     if model.args.block_size is not None:
-        fill = int(stop_token_ids[0]) if stop_token_ids.numel() else model.args.pad_token_id
+        # what fills the columns outside a row (hidden from attention; embedded, so a real token id)
+        fill = next((t for t in (model.args.pad_token_id, model.args.eos_token_id) if isinstance(t, int)), 0)
         x, attention_mask, position_ids, P, answer_start, answer_width = block_aligned_canvas(
             prompt_ids, prompt_mask, G, model.args.block_size, mask_id, fill)
     else:

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from batches import pad_left
 
-from lmeval_dllm.caches import build_cache
+from lmeval_dllm.caches import CACHES, build_cache
+from lmeval_dllm.caches.block import BlockCache
 from lmeval_dllm.decoding import resolve
-from lmeval_dllm.generate import GenerationConfig, answer_columns, block_aligned_canvas, generate
+from lmeval_dllm.generate import GenerationConfig, answer_columns, block_aligned_canvas, check_block_causal, generate
 from lmeval_dllm.models import family_for, load_model
 from lmeval_dllm.models.sdar import parse_config, tiny_config
 from lmeval_dllm.models.transformer import block_causal
-from lmeval_dllm.samplers import Proposal, build_sampler
+from lmeval_dllm.samplers import SAMPLERS, Proposal, build_sampler
 from lmeval_dllm.state import DecodeState
 from lmeval_dllm.tiny import write_checkpoint
 
@@ -176,8 +177,6 @@ def test_a_later_block_never_changes_an_earlier_block(sdar_model):
 
 def test_a_cached_step_gives_the_full_forward_logits(sdar_model):
     # the block cache's forward (the rows of [0, block end) written, only the block's logits) vs a full forward
-    from lmeval_dllm.caches.block import BlockCache
-
     ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
     mask = torch.tensor([[True] * 7, [False, False, True, True, True, True, True]])
     x, att, pos, P, start, width = block_aligned_canvas(ids, mask, 8, 4, 259, 256)
@@ -330,9 +329,6 @@ def test_block_length_defaults_to_the_block_size():
 
 
 def test_cache_block_needs_a_block_causal_model():
-    from lmeval_dllm.caches import CACHES
-    from lmeval_dllm.generate import check_block_causal
-    from lmeval_dllm.samplers import SAMPLERS
 
     with pytest.raises(ValueError, match=r"^cache='block' serves block-causal \(block-diffusion\) models only"):
         check_block_causal(None, SAMPLERS["vanilla"], CACHES["block"], None)
@@ -368,3 +364,33 @@ def test_lm_eval_runs_a_tiny_sdar_checkpoint(tmp_path):
         L = s["prompt_tokens"]
         assert s["gen_length"] == -(-(L + 8) // 8) * 8 - L, s
         assert 1 <= s["nfe"] <= s["gen_length"], s
+
+
+# -- every strategy with its defaults -----------------------------------------------------------------------------
+
+REFUSED_STRATEGIES = {"wino", "daedal", "prophet", "klass"}  # extra rows / a growing canvas / logits past the block
+
+
+@pytest.mark.parametrize("strategy", sorted(SAMPLERS))
+def test_every_strategy_with_its_defaults_decodes_or_is_refused(sdar_model, strategy):
+
+    if strategy in REFUSED_STRATEGIES:
+        with pytest.raises(ValueError, match=rf"^strategy {strategy!r} cannot decode a block-causal"):
+            check_block_causal(4, SAMPLERS[strategy], CACHES["block"], 4)
+        return
+    kw = {"debias": False} if strategy == "pc_sampler" else {}
+    g = torch.Generator().manual_seed(6)
+    batch = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 4, 7)]
+
+    def run(prompts, cache):
+        ids, mask = pad_left(256, prompts)
+        return generate(sdar_model, ids, mask, build_sampler(strategy, Proposal.from_params(), **kw),
+                        GenerationConfig(8, 4), stop_token_ids=torch.tensor([256, 258]),
+                        cache=build_cache(cache, cuda_graphs=False))
+
+    out, exact = run(batch, "block"), run(batch, "none")
+    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.nfe, exact.nfe)
+    for i, p in enumerate(batch):
+        alone = run([p], "block")
+        n = int(alone.answer_length[0])
+        assert int(out.answer_length[i]) == n and out.tokens[i, :n].tolist() == alone.tokens[0, :n].tolist(), i
