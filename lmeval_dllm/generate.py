@@ -104,7 +104,7 @@ def generate(
     sampler.validate_lengths(config.gen_length, config.block_length)
     cache = cache if cache is not None else Cache()
     check_compatible(sampler, cache)
-    check_block_causal(model.args.block_size, sampler, cache, config.block_length)
+    check_block_causal(model.block_size, sampler, cache, config.block_length)
     device = model.device
     B, P = prompt_ids.shape
     G = sampler.initial_gen_length if sampler.sizes_canvas else config.gen_length
@@ -112,11 +112,11 @@ def generate(
     prompt_ids = prompt_ids.to(device)
     stop_token_ids = stop_token_ids.to(device)
     answer_start = answer_width = None
-    if model.args.block_size is not None:
+    if model.block_size is not None:
         # what fills the columns outside a row (hidden from attention; embedded, so a real token id)
         fill = next((t for t in (model.args.pad_token_id, model.args.eos_token_id) if isinstance(t, int)), 0)
         x, attention_mask, position_ids, P, answer_start, answer_width = block_aligned_canvas(
-            prompt_ids, prompt_mask, G, model.args.block_size, mask_id, fill)
+            prompt_ids, prompt_mask, G, model.block_size, mask_id, fill)
     else:
         x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
         attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)

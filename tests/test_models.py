@@ -130,7 +130,9 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
         "Dream-org/Dream-Coder-v0-Base-7B, Dream-org/Dream-Coder-v0-Instruct-7B, apple/DiffuCoder-7B-Base, "
         "apple/DiffuCoder-7B-Instruct, apple/DiffuCoder-7B-cpGRPO, d3LLM/d3LLM_Dream); llada_moe (model_type 'llada', architectures LLaDAMoEModelLM, "
         "LLaDAMoEModel: inclusionAI/LLaDA-MoE-7B-A1B-Base, inclusionAI/LLaDA-MoE-7B-A1B-Instruct, "
-        "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD)")
+        "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD); sdar (model_type 'sdar', architectures SDARForCausalLM, SDARModel: "
+        "JetLM/SDAR-1.7B-Chat, JetLM/SDAR-4B-Chat, JetLM/SDAR-8B-Chat (and their -b8/-b16/-b32/-b64 block variants), "
+        "Gen-Verse/TraDo-4B-Instruct, Gen-Verse/TraDo-8B-Instruct, Gen-Verse/TraDo-8B-Thinking)")
 
 
 def test_same_model_type_other_architecture_is_not_loaded_as_the_dense_family(llada_dir, tmp_path):

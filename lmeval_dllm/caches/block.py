@@ -55,7 +55,7 @@ class BlockCache(Cache):
         self._final = 0  # canvas columns [0, _final) hold final K/V
 
     def setup(self, model: DiffusionLM, state: DecodeState) -> None:
-        if model.args.block_size is None:
+        if model.block_size is None:
             raise ValueError(f"cache='block' needs a block-causal model (ModelArgs.block_size; SDAR, TraDo, "
                              f"LLaDA2); the {model.args.family!r} model attends bidirectionally")
         a = model.args
