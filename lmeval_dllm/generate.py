@@ -5,6 +5,9 @@
 1. Build the canvas ``x = [prompt ; [MASK] * gen_length]`` (B, T), the key-padding mask and RoPE positions
    derived from it (padding consumes no position, so a padded prompt sees exactly what it sees alone). A
    sampler that chooses the length itself (``sizes_canvas``, DAEDAL) starts from its ``initial_gen_length``.
+   A block-causal model (``model.block_size``: SDAR) gets the release's block-aligned canvas instead
+   (:func:`block_aligned_canvas`): every row's blocks are canvas blocks, the first decoded block starts with each
+   row's prompt tail, and each row's answer starts after its own tail (the outputs are per row, left-aligned).
 2. For each block of ``block_length`` columns, while blocks remain (semi-autoregressive decoding; one block =
    pure diffusion):
    a. a row is *active* if it is not finished and its block still has masks;
@@ -46,13 +49,17 @@ __all__ = ["GenerationConfig", "GenerationOutput", "finished_rows", "first_stop"
 
 @dataclass
 class GenerationOutput:
-    tokens: torch.Tensor  # (B, G) long: generation region ([MASK] where a finished row stopped early)
+    # (B, G) long: generation region ([MASK] where a finished row stopped early). A block-causal model: each row's
+    # answer columns, left-aligned (its first gen_lengths[b]; [MASK] after them)
+    tokens: torch.Tensor
     nfe: torch.Tensor  # (B,) long: forward passes in which the row was active
     committed: torch.Tensor  # (B,) long: positions committed (re-masked ones count again when re-committed)
     answer_length: torch.Tensor  # (B,) long: index of the first stop token, or the row's length if none
     decoded_at: torch.Tensor  # (B, G) long: forward pass (0-based) that committed each position, -1 if none
     steps: int  # forward passes made for the whole batch
-    gen_lengths: torch.Tensor  # (B,) long: each row's generation length (G unless the sampler resized rows)
+    # (B,) long: each row's generation length (G unless the sampler resized rows; a block-causal model's canvas
+    # gives a row whose prompt ends inside a block G + block - (L mod block), as the release)
+    gen_lengths: torch.Tensor
 
 
 def first_stop(gen: torch.Tensor, stop_token_ids: torch.Tensor) -> torch.Tensor:

@@ -394,3 +394,23 @@ def test_every_strategy_with_its_defaults_decodes_or_is_refused(sdar_model, stra
         alone = run([p], "block")
         n = int(alone.answer_length[0])
         assert int(out.answer_length[i]) == n and out.tokens[i, :n].tolist() == alone.tokens[0, :n].tolist(), i
+
+
+def test_the_lm_eval_model_defaults_and_refuses_loglikelihood(sdar_dir):
+    from lm_eval.api.instance import Instance
+
+    from lmeval_dllm.lm import DLLM
+
+    lm = DLLM(pretrained=sdar_dir, gen_length=8)
+    assert (lm.cache_name, type(lm.cache).__name__, lm.block_size) == ("block", "BlockCache", 4)
+    config, sampler, _ = lm._decoding_for({"until": ["\n\n"], "max_gen_toks": 8})
+    assert (config.gen_length, config.block_length) == (8, 4)
+    (answer,) = lm.generate_until([Instance("generate_until", {}, ("Hi", {"until": ["\n\n"]}), 0)],
+                                  disable_tqdm=True)
+    assert isinstance(answer, str)
+    assert DLLM(pretrained=sdar_dir, gen_length=8, cache="none").cache_name is None  # cache= given: kept
+    with pytest.raises(ValueError, match=r"^model family 'sdar' has no likelihood scheme \(Family.likelihood is "
+                                         r"None\): loglikelihood / multiple-choice tasks cannot run on it"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("Hello", " world"), 0)])
+    with pytest.raises(ValueError, match=r"^block_length=8 differs from the model's block size 4"):
+        DLLM(pretrained=sdar_dir, gen_length=8, block_length=8)
