@@ -18,8 +18,9 @@ The rules, in order:
 3. Lengths. ``gen_length`` defaults to the task's ``max_gen_toks`` (its first spelling in :data:`MAX_TOKENS_KEYS`;
    :data:`DEFAULT_MAX_GEN_TOKS` when the task has none). ``block_length`` defaults to
    :data:`DEFAULT_BLOCK_LENGTH`; when it was not given and does not divide ``gen_length``, the generation is one
-   block (a note). For a block-causal model (``block_size``: SDAR, TraDo) it defaults to the model's block size,
-   and any other value is an error, as are strategies and caches that need full attention. A given value that does not divide is an error naming both. 0 is a value, never "not given".
+   block (a note). A given value that does not divide is an error naming both. 0 is a value, never "not given".
+   For a block-causal model (``block_size``: SDAR, TraDo) it defaults to the model's block size and must divide
+   it; strategies and caches that need full attention are errors there.
 4. Context (when ``max_length`` is known). A given length (``gen_length``, the task's ``max_gen_toks``, DAEDAL's
    ``initial_gen_length`` / ``max_gen_length``) that leaves no room for a prompt is an error naming it. A
    *default* that depends on the model is fitted to it, with a note: DAEDAL's ``max_gen_length`` (release
@@ -157,7 +158,7 @@ def resolve(
         task_gen_kwargs: a request's ``generation_kwargs``; None checks the user's parameters alone (start-up).
         max_length: the model's context (prompt + generation); None skips the checks and fits against it.
         block_size: a block-causal model's block size (``ModelArgs.block_size``; None = bidirectional or not yet
-            known): ``block_length`` defaults to it and must equal it; strategies and caches it cannot serve are
+            known): ``block_length`` defaults to it and must divide it; strategies and caches it cannot serve are
             refused (``generate.check_block_causal``; the caller checks a block-causal-only cache against a
             bidirectional model, which this function cannot tell from "not known yet").
     Raises:

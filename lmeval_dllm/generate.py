@@ -230,7 +230,8 @@ def generate(
 def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sampler], cache: Cache | type[Cache],
                        block_length: Optional[int]) -> None:
     """Raise ValueError, before any model work, for a setting a block-causal model (``ModelArgs.block_size``)
-    cannot decode: a block length other than the trained block size (the attention's blocks are the model's),
+    cannot decode: a block length that does not divide the trained block size (the attention's blocks are the
+    model's; a smaller decode block is a sub-block of one, as Fast-dLLM v2 decodes),
     a strategy that reads logits past the current block, grows the canvas or runs extra rows, and a cache built
     on full attention (``Cache.block_causal``)."""
     if block_size is None:
@@ -238,12 +239,12 @@ def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sample
             raise ValueError(f"cache={cache.name!r} serves block-causal (block-diffusion) models only (SDAR, TraDo); "
                              f"this model attends bidirectionally: use cache=none, prefix, dual, ...")
         return
-    if block_length is not None and block_length != block_size:
+    if block_length is not None and (block_length > block_size or block_size % block_length):
         raise ValueError(
-            f"block_length={block_length} differs from the model's block size {block_size} (config.json block_size): "
-            f"a block-diffusion model attends block-causally over blocks of {block_size}, and the decode blocks must "
-            f"be those blocks; give block_length={block_size} or leave it out (use a checkpoint trained with another "
-            f"block size, e.g. an SDAR -b8 ... -b64 variant, for other blocks)"
+            f"block_length={block_length} does not divide the model's block size {block_size} (config.json "
+            f"block_size): a block-diffusion model attends block-causally over blocks of {block_size}, and a decode "
+            f"block must lie inside one of them; give block_length={block_size} (the default) or a divisor of it "
+            f"(use a checkpoint trained with larger blocks, e.g. an SDAR -b8 ... -b64 variant, for larger ones)"
         )
     why = None
     if sampler.logits_span != "block":

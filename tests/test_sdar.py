@@ -304,7 +304,9 @@ def test_release_sequential_is_ar():
 
 @pytest.mark.parametrize("strategy, cache, kw, message", [
     ("vanilla", None, {"block_length": 8, "gen_length": 16},
-     "block_length=8 differs from the model's block size 4 (config.json block_size)"),
+     "block_length=8 does not divide the model's block size 4 (config.json block_size)"),
+    ("vanilla", None, {"block_length": 3, "gen_length": 12},
+     "block_length=3 does not divide the model's block size 4 (config.json block_size)"),
     ("vanilla", "dllm", {}, "cache='dllm' cannot serve a block-causal (block-diffusion) model: it reuses stale"),
     ("vanilla", "d2cache", {}, "cache='d2cache' cannot serve a block-causal (block-diffusion) model: its row"),
     ("vanilla", "vicinity", {}, "cache='vicinity' cannot serve a block-causal (block-diffusion) model: it refreshes"),
@@ -324,6 +326,8 @@ def test_refused_settings_name_the_reason(strategy, cache, kw, message):
 def test_block_length_defaults_to_the_block_size():
     d = resolve("vanilla", "block", {}, {"max_gen_toks": 16}, max_length=512, block_size=4)
     assert (d.config.gen_length, d.config.block_length) == (16, 4)
+    # a divisor decodes sub-blocks of the model's blocks (Fast-dLLM v2's scheme)
+    assert resolve("vanilla", "block", {"block_length": 2}, {"max_gen_toks": 16}, block_size=4).config.block_length == 2
     for cache in ("none", "prefix", "dual"):  # exact on a block-causal model (the block sees no key right of it)
         assert resolve("vanilla", cache, {}, {"max_gen_toks": 16}, block_size=4).config.block_length == 4
 
@@ -412,5 +416,5 @@ def test_the_lm_eval_model_defaults_and_refuses_loglikelihood(sdar_dir):
     with pytest.raises(ValueError, match=r"^model family 'sdar' has no likelihood scheme \(Family.likelihood is "
                                          r"None\): loglikelihood / multiple-choice tasks cannot run on it"):
         lm.loglikelihood([Instance("loglikelihood", {}, ("Hello", " world"), 0)])
-    with pytest.raises(ValueError, match=r"^block_length=8 differs from the model's block size 4"):
+    with pytest.raises(ValueError, match=r"^block_length=8 does not divide the model's block size 4"):
         DLLM(pretrained=sdar_dir, gen_length=8, block_length=8)

@@ -27,12 +27,12 @@ def prompts(*lengths: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
-def run(model, batch, cache, strategy="vanilla", gen_length=12, stops=(256, 258), **kw):
+def run(model, batch, cache, strategy="vanilla", gen_length=12, stops=(256, 258), block_length=4, **kw):
     ids, mask = pad_left(256, batch)
     sampler = build_sampler(strategy, Proposal.from_params(), **kw)
     cache = build_cache(cache, cuda_graphs=False) if isinstance(cache, str) else cache
-    return generate(model, ids, mask, sampler, GenerationConfig(gen_length, 4), stop_token_ids=torch.tensor(stops),
-                    cache=cache)
+    return generate(model, ids, mask, sampler, GenerationConfig(gen_length, block_length),
+                    stop_token_ids=torch.tensor(stops), cache=cache)
 
 
 def test_rows_run_each_step(sdar):
@@ -49,6 +49,18 @@ def test_rows_run_each_step(sdar):
                     list(range(8, 16)), *[list(range(12, 16))] * 3]
 
 
+def test_sub_blocks_rerun_their_whole_attention_block(sdar):
+    cache = build_cache("block", cuda_graphs=False)
+    runs = []
+    update = cache.update
+    cache.update = lambda i, pos, k, v: (runs.append(pos.tolist()) if i == 0 else None, update(i, pos, k, v))[1]
+    # blocks of 2 inside the model's blocks of 4; a 4-token prompt: the first decoded attention block is 4..7
+    out = run(sdar, prompts(4), cache, stops=(), gen_length=8, block_length=2, num_transfer_tokens=1)
+    assert out.steps == 8 == len(runs)
+    assert runs == [list(range(0, 8)), *[list(range(4, 8))] * 3,  # the prefill, then sub-blocks 4-5 and 6-7
+                    list(range(4, 12)), *[list(range(8, 12))] * 3]  # block 4..7 rewritten entering 8..11
+
+
 @pytest.mark.parametrize("strategy, kw", [("vanilla", {}), ("vanilla", {"threshold": 0.2}),
                                           ("vanilla", {"threshold": 0.6, "num_transfer_tokens": 2}),
                                           ("vanilla", {"steps": 6}), ("ar", {"num_transfer_tokens": 2}),
@@ -58,6 +70,17 @@ def test_tokens_and_nfe_equal_no_cache(sdar, strategy, kw):
     a, b = run(sdar, batch, "block", strategy, **kw), run(sdar, batch, "none", strategy, **kw)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe) and torch.equal(a.answer_length,
                                                                                          b.answer_length)
+
+
+@pytest.mark.parametrize("kw", [{}, {"threshold": 0.3}])
+def test_sub_blocks_equal_no_cache(sdar, kw):
+    batch = prompts(1, 3, 4, 6, 9, seed=3)
+    a, b = run(sdar, batch, "block", block_length=2, **kw), run(sdar, batch, "none", block_length=2, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe)
+    for i, p in enumerate(batch):
+        alone = run(sdar, [p], "block", block_length=2, **kw)
+        n = int(alone.answer_length[0])
+        assert int(a.answer_length[i]) == n and a.tokens[i, :n].tolist() == alone.tokens[0, :n].tolist(), i
 
 
 def test_batch_equals_each_prompt_alone(sdar):
