@@ -50,7 +50,9 @@ STRATEGIES = {
 CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
           ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1}),
-          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1})]
+          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1}),
+          ("sparse", {}), ("sparse", {"keep_ratio": 0.3, "kernel_size": 5, "refresh_interval": 3}),
+          ("sparse", {"delay_steps": 0, "refresh_interval": 1})]
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
