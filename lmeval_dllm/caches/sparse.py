@@ -123,6 +123,7 @@ class SparseCache(Cache):
         self._block_len = 0  # L of the block it was made for
         self._built = False  # a selection exists for the current block
         self._kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # this layer's full K/V (build passes)
+        self._storage_shape: Optional[tuple] = None  # (B, T, dtype, device) the buffers below were made for
 
     # -- storage ------------------------------------------------------------------------------------------------
 
@@ -130,15 +131,14 @@ class SparseCache(Cache):
         super().setup(model, state)
         B, T = state.x.shape
         dev = state.x.device
-        if self.k is not None and (self.k.shape[1] != B or self.k.device != model.device
-                                   or self.k.dtype != model.dtype):
-            self.k = self.v = self.key_mask = None  # let the old storage go before the next is taken
-        if getattr(self, "_cols_shape", None) != (B, T, dev):
+        shape = (B, T, model.dtype, model.device)
+        if shape != self._storage_shape:  # a new batch shape: storage sized for it (the old goes first)
+            self.k = self.v = self.key_mask = None
             self.padding = torch.zeros(B, T, dtype=torch.bool, device=dev)  # True = padding column
             self.real = torch.zeros(B, dtype=torch.long, device=dev)  # non-padding columns per row
             self.others = torch.zeros(T, dtype=torch.long, device=dev)  # [:N]: the non-block columns
             self.block_cols = torch.zeros(T, dtype=torch.long, device=dev)  # [:L]: the block's columns
-            self._cols_shape = (B, T, dev)
+            self._storage_shape = shape
             self.graphs.reset()
         if state.attention_mask is None:
             self.padding.zero_()
@@ -148,7 +148,8 @@ class SparseCache(Cache):
             self.real.copy_(state.attention_mask.sum(dim=1))
 
     def _ensure(self, model: DiffusionLM, B: int, slots: int) -> None:
-        """Storage with at least ``slots`` key slots (kept + block rows); reallocating drops the graphs."""
+        """Storage with at least ``slots`` key slots (kept + block rows); reallocating drops the graphs. The
+        first block needs the most (K + L grows with L), so this allocates once per batch shape."""
         if self.k is not None and self.k.shape[3] >= slots:
             return
         a = model.args

@@ -172,3 +172,16 @@ def test_strategies_that_need_more_are_refused(strategy, need):
     with pytest.raises(ValueError, match=rf"^strategy {strategy!r} cannot be used with cache='sparse': the strategy "
                                          rf"{need}"):
         check_compatible(SAMPLERS[strategy], CACHES["sparse"])
+
+
+def test_one_cache_across_calls_of_different_shapes_is_a_fresh_cache_each_time(tiny_dir):
+    # lm-eval reuses the cache object for every batch: storage sized for one shape must not leak into the next
+    model, tok = tiny(tiny_dir)
+    cache = build_cache("sparse", keep_ratio=0.3)
+    for prompts, G in ((PROMPTS, 16), (PROMPTS[:1], 24), (PROMPTS, 16)):
+        _, ids, mask = left_pad(tok, prompts)
+        mask = None if len(prompts) == 1 else mask
+        reused = decode(model, ids, mask, cache, gen_length=G, block_length=8, threshold=0.05)
+        fresh = decode(model, ids, mask, ("sparse", {"keep_ratio": 0.3}), gen_length=G, block_length=8,
+                       threshold=0.05)
+        assert reused.tokens.tolist() == fresh.tokens.tolist() and reused.nfe.tolist() == fresh.nfe.tolist()
