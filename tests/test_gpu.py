@@ -129,7 +129,7 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
             assert torch.equal(eager, reference), (name, kw)
 
 
-@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache"])
+@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "sparse"])
 def test_one_cache_object_over_batches_of_other_shapes(cache_name):
     """The bundled trained tiny-llada in bfloat16 with stop tokens (rows finish early): each batch decoded by one
     long-lived cache object equals a fresh eager decode (a graph pool once got reused after its graphs were
