@@ -22,10 +22,10 @@ from lmeval_dllm.samplers import SAMPLERS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet"]
-CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block"]
+CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse"]
 # Caches for block-causal models only (SDAR, TraDo): refused on the bundled LLaDA (test below); their every-strategy
 # runs are in tests/test_sdar.py.
-BLOCK_CAUSAL_ONLY = ["block"]
+BLOCK_CAUSAL_ONLY = ["block", "sparse"]
 NEEDS = {"pc_sampler": "debias=false"}  # its default needs a frequency table (test below); this is the closest
 ONE_TOKEN_PER_STEP = {"vanilla", "pc_sampler", "ar"}  # their defaults commit exactly one token per step
 
@@ -45,8 +45,9 @@ REFUSED = [(s, c) for s in STRATEGIES for c in CACHE_NAMES if not allowed(s, c)]
 def test_the_lists_are_the_registries():
     assert set(STRATEGIES) == set(SAMPLERS) and set(CACHE_NAMES) == {"none", *CACHES}
     assert BLOCK_CAUSAL_ONLY == [c for c in CACHE_NAMES if cache_class(None if c == "none" else c).needs_block_causal]
-    assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "block"), ("daedal", "dllm"),
-                       ("daedal", "d2cache"), ("daedal", "vicinity"), ("daedal", "block")]
+    assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "block"), ("wino", "sparse"),
+                       ("daedal", "dllm"), ("daedal", "d2cache"), ("daedal", "vicinity"), ("daedal", "block"),
+                       ("daedal", "sparse")]
 
 
 @pytest.mark.parametrize("cache", BLOCK_CAUSAL_ONLY)

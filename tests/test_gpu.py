@@ -65,7 +65,9 @@ CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
           ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1}),
           ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1}),
-          ("block", {})]
+          ("block", {}),
+          ("sparse", {}), ("sparse", {"keep_ratio": 0.3, "kernel_size": 5, "refresh_interval": 3}),
+          ("sparse", {"delay_steps": 0, "refresh_interval": 1})]
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
@@ -147,7 +149,7 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
             assert torch.equal(eager, reference), (name, kw)
 
 
-@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache"])
+@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "sparse"])
 def test_one_cache_object_over_batches_of_other_shapes(cache_name):
     """The bundled trained tiny-llada in bfloat16 with stop tokens (rows finish early): each batch decoded by one
     long-lived cache object equals a fresh eager decode (a graph pool once got reused after its graphs were

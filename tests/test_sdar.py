@@ -310,6 +310,7 @@ def test_release_sequential_is_ar():
     ("vanilla", "dllm", {}, "cache='dllm' cannot serve a block-causal (block-diffusion) model: it reuses stale"),
     ("vanilla", "d2cache", {}, "cache='d2cache' cannot serve a block-causal (block-diffusion) model: its row"),
     ("vanilla", "vicinity", {}, "cache='vicinity' cannot serve a block-causal (block-diffusion) model: it refreshes"),
+    ("vanilla", "sparse", {}, "cache='sparse' cannot serve a block-causal (block-diffusion) model: it keeps an"),
     ("wino", None, {}, "strategy 'wino' cannot decode a block-causal (block-diffusion) model: it changes the canvas "
                        "or runs extra rows (extra_rows)"),
     ("daedal", None, {}, "strategy 'daedal' cannot decode a block-causal (block-diffusion) model: it reads logits "
@@ -321,6 +322,12 @@ def test_refused_settings_name_the_reason(strategy, cache, kw, message):
     with pytest.raises(ValueError) as e:
         resolve(strategy, cache, kw, {"max_gen_toks": 16}, max_length=512, block_size=4)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_exactly_the_exact_caches_serve_a_block_causal_model():
+    """A new cache must say whether it serves block-causal models (``Cache.block_causal``): only the caches that are
+    exact there do."""
+    assert sorted(n for n, c in CACHES.items() if c.block_causal is True) == ["block", "dual", "prefix"]
 
 
 def test_block_length_defaults_to_the_block_size():

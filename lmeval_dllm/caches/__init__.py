@@ -10,6 +10,7 @@ from lmeval_dllm.caches.d2cache import D2Cache
 from lmeval_dllm.caches.dllm_cache import DLLMCache
 from lmeval_dllm.caches.dual import DualCache
 from lmeval_dllm.caches.prefix import PrefixCache
+from lmeval_dllm.caches.sparse import SparseCache
 from lmeval_dllm.caches.vicinity import VicinityCache
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
 from lmeval_dllm.state import ExtraRows
@@ -22,6 +23,7 @@ CACHES: dict[str, type[Cache]] = {
     "d2cache": D2Cache,  # d2Cache (arXiv:2509.23094)
     "vicinity": VicinityCache,  # dInfer vicinity refresh: a dual cache rerunning a window around the block
     "block": BlockCache,  # block diffusion's exact KV cache of finished blocks (SDAR arXiv:2510.06303)
+    "sparse": SparseCache,  # Sparse-dLLM (arXiv:2508.02558): attention-selected prefix/suffix K/V
 }
 
 
