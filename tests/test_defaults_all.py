@@ -25,7 +25,7 @@ STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", 
 CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse"]
 # Caches for block-causal models only (SDAR, TraDo): refused on the bundled LLaDA (test below); their every-strategy
 # runs are in tests/test_sdar.py.
-BLOCK_CAUSAL_ONLY = ["block", "sparse"]
+BLOCK_CAUSAL_ONLY = ["block"]
 NEEDS = {"pc_sampler": "debias=false"}  # its default needs a frequency table (test below); this is the closest
 ONE_TOKEN_PER_STEP = {"vanilla", "pc_sampler", "ar"}  # their defaults commit exactly one token per step
 
