@@ -8,6 +8,7 @@ from lmeval_dllm.caches.base import ENGINE_OPTIONS, FEATURES, Cache, check_compa
 from lmeval_dllm.caches.d2cache import D2Cache
 from lmeval_dllm.caches.dllm_cache import DLLMCache
 from lmeval_dllm.caches.dual import DualCache
+from lmeval_dllm.caches.elastic import ElasticCache
 from lmeval_dllm.caches.prefix import PrefixCache
 from lmeval_dllm.caches.vicinity import VicinityCache
 from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
@@ -20,6 +21,7 @@ CACHES: dict[str, type[Cache]] = {
     "dllm": DLLMCache,  # dLLM-Cache (arXiv:2506.06295)
     "d2cache": D2Cache,  # d2Cache (arXiv:2509.23094)
     "vicinity": VicinityCache,  # dInfer vicinity refresh: a dual cache rerunning a window around the block
+    "elastic": ElasticCache,  # Elastic-Cache (arXiv:2510.14973)
 }
 
 
