@@ -84,7 +84,8 @@ SHAPES = {
 CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {},  # each cache at its defaults
             # dInfer's vicinity refresh at 16 / 16 columns around the block, 4 warm-up passes (its defaults are 0,
             # which is the dual cache)
-            "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4}}
+            "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4},
+            "elastic": {}}  # Elastic-Cache at the release's defaults (window 16, gamma 0.9, one tracked per layer)
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool = True) -> DiffusionLM:
