@@ -182,6 +182,7 @@ class ElasticCache(Cache):
         self.was_masked = torch.zeros(B, T, dtype=torch.bool, device=device)
         self.passes = torch.zeros(B, dtype=torch.long, device=device)  # forward passes each row decoded in
         self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.columns = torch.arange(T, device=device)
         self.no_rows = RowSubset(torch.zeros(B, 0, dtype=torch.long, device=device),
                                  torch.zeros(B, 0, dtype=torch.bool, device=device), T)
         self._first = True
@@ -195,23 +196,25 @@ class ElasticCache(Cache):
         B, T, L = *state.x.shape, self.n_layers
         active = state.active if state.active is not None else torch.ones(B, dtype=torch.bool, device=state.x.device)
         mask = () if state.attention_mask is None else (state.attention_mask,)
-        span = (targets.start, targets.stop)
+        L_span = targets.stop - targets.start
+        # the span's first column as a tensor: one graph serves every block of a length
+        first_col = self.columns[targets.start]  # a view: no host-to-device copy
         self.was_masked.copy_(state.x == self.mask_token_id)
         if self._first:  # the call's first pass: every layer, the whole canvas
             start = torch.where(active, 0, L)
-            logits, fresh = self.graphs.run(("full", 0, B, T, *span, len(mask)),
-                                            lambda x, act, st, *m: self._full(model, x, act, st, m, 0, targets),
-                                            state.x, active, start, *mask)
+            logits, fresh = self.graphs.run(("full", 0, B, T, L_span, len(mask)),
+                                            lambda x, act, st, c, *m: self._full(model, x, act, st, m, 0, c, L_span),
+                                            state.x, active, start, first_col, *mask)
             self._first = False
         else:
-            logits, fresh, start = self.graphs.run(("rows", B, T, *span, len(mask)),
-                                                   lambda x, act, *m: self._rows(model, x, act, m, targets),
-                                                   state.x, active, *mask)
+            logits, fresh, start = self.graphs.run(("rows", B, T, L_span, len(mask)),
+                                                   lambda x, act, c, *m: self._rows(model, x, act, m, c, L_span),
+                                                   state.x, active, first_col, *mask)
             first = int(start.min())  # the step's one host read: the layer the refresh starts at (L: none)
             if first < L:
-                full, _ = self.graphs.run(("full", first, B, T, *span, len(mask)),
-                                          lambda x, act, st, *m: self._full(model, x, act, st, m, first, targets),
-                                          state.x, active, start, *mask)
+                full, _ = self.graphs.run(("full", first, B, T, L_span, len(mask)),
+                                          lambda x, act, st, c, *m: self._full(model, x, act, st, m, first, c, L_span),
+                                          state.x, active, start, first_col, *mask)
                 logits = torch.where((start < L)[:, None, None], full, logits)
         self.passes += active.long()
         return StepLogits(logits, fresh)
@@ -226,9 +229,9 @@ class ElasticCache(Cache):
         return dict(masked=masked, mrows=mrows, mreal=mreal & active[:, None], wcols=mcols[:, :self.n_window],
                     wreal=mreal[:, :self.n_window], active=active)
 
-    def _rows(self, model, x, active, mask, targets: slice):
+    def _rows(self, model, x, active, mask, first_col: torch.Tensor, span: int):
         """Step 1 (see the module docstring): tracked, committed and window rows through every layer.
-        x (B, T), active (B,) -> logits (B, len(targets), V), fresh (B, T), start (B,) long."""
+        x (B, T), active (B,) -> logits (B, span, V) of columns first_col.., fresh (B, T), start (B,) long."""
         B, T, L = *x.shape, self.n_layers
         plan = self._plan(x, active)
         is_track = torch.zeros(B, T, dtype=torch.bool, device=x.device)
@@ -248,32 +251,32 @@ class ElasticCache(Cache):
                   hidden=True)  # (B, M, D)
         sims = torch.stack(self._step["sims"])  # (L, B)
         self._step = None
-        logits, fresh = self._window_logits(model, h[:, NT + ND:NT + ND + self.n_window], plan, targets)
+        logits, fresh = self._window_logits(model, h[:, NT + ND:NT + ND + self.n_window], plan, first_col, span)
         drifted = sims < self.gamma
         start = torch.where(drifted.any(0), drifted.int().argmax(0) + 1, L)  # refresh after the first drift
         if self.refresh_interval is not None:
             start = torch.where(self.passes % self.refresh_interval == 0, 0, start)
         return logits, fresh, torch.where(active, start, L)
 
-    def _full(self, model, x, active, start, mask, first: int, targets: slice):
+    def _full(self, model, x, active, start, mask, first: int, first_col: torch.Tensor, span: int):
         """Step 3: the whole canvas from layer ``first`` on; row b's caches are replaced from layer start[b] on.
-        -> logits (B, len(targets), V) of the window, fresh (B, T)."""
+        -> logits (B, span, V) of the window, fresh (B, T)."""
         plan = self._plan(x, active)
         key_mask = mask[0] if mask else self.real_keys
         self._step = dict(phase=2, start=start, first=first, key_mask=key_mask, masked=plan["masked"],
                           mrows=plan["mrows"], mreal=plan["mreal"])
         h = model(x, None, mask[0] if mask else None, self, None, rope=(self.cos, self.sin), hidden=True)  # (B, T, D)
         self._step = None
-        return self._window_logits(model, gather_rows(h, plan["mrows"][:, :self.n_window]), plan, targets)
+        return self._window_logits(model, gather_rows(h, plan["mrows"][:, :self.n_window]), plan, first_col, span)
 
-    def _window_logits(self, model, h: torch.Tensor, plan: dict, targets: slice):
-        """LM head on the window's rows h (B, W, D) -> logits of the ``targets`` columns (zeros outside the
-        window) and fresh (B, T): the window's columns."""
-        B, T, L = h.shape[0], self.length, targets.stop - targets.start
+    def _window_logits(self, model, h: torch.Tensor, plan: dict, first_col: torch.Tensor, L: int):
+        """LM head on the window's rows h (B, W, D) -> logits of the L columns from ``first_col`` (zeros outside
+        the window) and fresh (B, T): the window's columns."""
+        B, T = h.shape[0], self.length
         logits = model.head(h)  # (B, W, V)
         wcols, wreal = plan["wcols"], plan["wreal"]
-        inside = wreal & (wcols >= targets.start) & (wcols < targets.stop)
-        slot = torch.where(inside, wcols - targets.start, L)
+        inside = wreal & (wcols >= first_col) & (wcols < first_col + L)
+        slot = torch.where(inside, wcols - first_col, L)
         out = logits.new_zeros(B, L + 1, logits.shape[-1])
         out.scatter_(1, slot[..., None].expand(-1, -1, logits.shape[-1]), logits)
         fresh = torch.zeros(B, T + 1, dtype=torch.bool, device=h.device)

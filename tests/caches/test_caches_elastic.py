@@ -224,8 +224,8 @@ def test_a_batch_equals_each_prompt_alone_while_rows_refresh_at_different_layers
     starts = []  # per cached pass: the refresh start layer of each active row
     rows_fn = cache._rows
 
-    def logged(model_, x, active, mask_, targets):
-        out = rows_fn(model_, x, active, mask_, targets)
+    def logged(model_, x, active, *rest):
+        out = rows_fn(model_, x, active, *rest)
         starts.append(out[2][active].tolist())
         return out
 
