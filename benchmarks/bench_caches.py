@@ -272,6 +272,8 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
         vicinity = block + CACHE_KW["vicinity"]["prefix_look"] + CACHE_KW["vicinity"]["after_look"] + a.logit_shift
         rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift,
                     "vicinity": vicinity}.get(cache_name, block)
+        if cache_name == "elastic":  # its slots at the defaults: one tracked per layer, 16 committed, 16 window
+            rows_run = a.n_layers + 2 * 16
         r.update(model=name, weight_bytes=wbytes, all_weight_bytes=weight_bytes(model),
                  weight_floor_ms=wbytes / floors["copy_bytes_per_s"] * 1e3,
                  full_compute_floor_ms=forward_flops(a, B, T, T, block) / floors["matmul_flops_per_s"] * 1e3,
