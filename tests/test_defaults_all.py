@@ -22,7 +22,7 @@ from lmeval_dllm.samplers import SAMPLERS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet"]
-CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse"]
+CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse", "elastic"]
 # Caches for block-causal models only (SDAR, TraDo): refused on the bundled LLaDA (test below); their every-strategy
 # runs are in tests/test_sdar.py.
 BLOCK_CAUSAL_ONLY = ["block"]
@@ -46,8 +46,8 @@ def test_the_lists_are_the_registries():
     assert set(STRATEGIES) == set(SAMPLERS) and set(CACHE_NAMES) == {"none", *CACHES}
     assert BLOCK_CAUSAL_ONLY == [c for c in CACHE_NAMES if cache_class(None if c == "none" else c).needs_block_causal]
     assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "block"), ("wino", "sparse"),
-                       ("daedal", "dllm"), ("daedal", "d2cache"), ("daedal", "vicinity"), ("daedal", "block"),
-                       ("daedal", "sparse")]
+                       ("wino", "elastic"), ("daedal", "dllm"), ("daedal", "d2cache"), ("daedal", "vicinity"),
+                       ("daedal", "block"), ("daedal", "sparse"), ("daedal", "elastic")]
 
 
 @pytest.mark.parametrize("cache", BLOCK_CAUSAL_ONLY)

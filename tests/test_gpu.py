@@ -67,7 +67,10 @@ CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2
           ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1}),
           ("block", {}),
           ("sparse", {}), ("sparse", {"keep_ratio": 0.3, "kernel_size": 5, "refresh_interval": 3}),
-          ("sparse", {"delay_steps": 0, "refresh_interval": 1})]
+          ("sparse", {"delay_steps": 0, "refresh_interval": 1}),
+          ("elastic", {}), ("elastic", {"window_length": 4, "gamma": 0.99, "track_num": 2}),
+          ("elastic", {"block_caching": False}),
+          ("elastic", {"refresh_interval": 1, "window_length": 32})]  # a window over the whole generation: exact
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
@@ -149,7 +152,7 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
             assert torch.equal(eager, reference), (name, kw)
 
 
-@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "sparse"])
+@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "sparse", "elastic"])
 def test_one_cache_object_over_batches_of_other_shapes(cache_name):
     """The bundled trained tiny-llada in bfloat16 with stop tokens (rows finish early): each batch decoded by one
     long-lived cache object equals a fresh eager decode (a graph pool once got reused after its graphs were

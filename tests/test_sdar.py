@@ -311,6 +311,7 @@ def test_release_sequential_is_ar():
     ("vanilla", "d2cache", {}, "cache='d2cache' cannot serve a block-causal (block-diffusion) model: its row"),
     ("vanilla", "vicinity", {}, "cache='vicinity' cannot serve a block-causal (block-diffusion) model: it refreshes"),
     ("vanilla", "sparse", {}, "cache='sparse' cannot serve a block-causal (block-diffusion) model: it keeps an"),
+    ("vanilla", "elastic", {}, "cache='elastic' cannot serve a block-causal (block-diffusion) model: its drift"),
     ("wino", None, {}, "strategy 'wino' cannot decode a block-causal (block-diffusion) model: it changes the canvas "
                        "or runs extra rows (extra_rows)"),
     ("daedal", None, {}, "strategy 'daedal' cannot decode a block-causal (block-diffusion) model: it reads logits "

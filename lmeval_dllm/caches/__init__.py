@@ -9,6 +9,7 @@ from lmeval_dllm.caches.block import BlockCache
 from lmeval_dllm.caches.d2cache import D2Cache
 from lmeval_dllm.caches.dllm_cache import DLLMCache
 from lmeval_dllm.caches.dual import DualCache
+from lmeval_dllm.caches.elastic import ElasticCache
 from lmeval_dllm.caches.prefix import PrefixCache
 from lmeval_dllm.caches.sparse import SparseCache
 from lmeval_dllm.caches.vicinity import VicinityCache
@@ -24,6 +25,7 @@ CACHES: dict[str, type[Cache]] = {
     "vicinity": VicinityCache,  # dInfer vicinity refresh: a dual cache rerunning a window around the block
     "block": BlockCache,  # block diffusion's exact KV cache of finished blocks (SDAR arXiv:2510.06303)
     "sparse": SparseCache,  # Sparse-dLLM (arXiv:2508.02558): attention-selected prefix/suffix K/V
+    "elastic": ElasticCache,  # Elastic-Cache (arXiv:2510.14973)
 }
 
 

@@ -16,7 +16,9 @@ grown by what the approximate caches need):
   :class:`~lmeval_dllm.models.rows.RowSubset`; None = all), and ``reuse(layer_idx, kind, rows, out)``: the
   attention / FFN output to add to the stream, stored outputs for the rows not recomputed (dLLM-Cache);
 - ``observe_attention(layer_idx, q, k)``: the queries and the keys attended to, for a cache that reads attention
-  scores (d2Cache's rollout), when it sets ``needs_attention``.
+  scores (d2Cache's rollout), when it sets ``needs_attention``;
+- ``layer_input(layer_idx, h)``: the residual stream entering the layer; a cache may keep it, or substitute rows
+  it stored (Elastic-Cache resumes a forward at its first drifting layer from the stored inputs of that layer).
 
 The model never asks which cache it has.
 """
@@ -125,6 +127,10 @@ class LayerHooks:
 
     def observe_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor) -> None:
         """q (B, Hq, Q, Dh) of the rows run and the keys k (B, Hkv, S, Dh) they attend to."""
+
+    def layer_input(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
+        """The stream h (B, Q, D) entering layer ``layer_idx`` -> the stream the layer runs on (same shape)."""
+        return h
 
 
 def block_causal(query_cols: torch.Tensor, keys: int, block_size: int,
@@ -245,11 +251,13 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: Optional[torch.Tensor],
                 cache: Optional[LayerHooks] = None, input_pos: Optional[torch.Tensor] = None,
                 query_cols: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """h (B, Q, D) -> (B, Q, D). With a cache, K/V go through ``cache.update`` at ``input_pos``; a cache that
-        returns a row subset for this layer gets only those rows recomputed (their K/V at the subset's slots)
-        and supplies the outputs of the others (``cache.reuse``). ``query_cols`` (1|B, Q): the rows' canvas
-        columns, for a block-causal model."""
+        """h (B, Q, D) -> (B, Q, D). With a cache, the stream entering the layer goes through ``cache.layer_input``,
+        K/V through ``cache.update`` at ``input_pos``; a cache that returns a row subset for this layer gets only
+        those rows recomputed (their K/V at the subset's slots) and supplies the outputs of the others
+        (``cache.reuse``). ``query_cols`` (1|B, Q): the rows' canvas columns, for a block-causal model."""
         i = self.layer_idx
+        if cache is not None:
+            h = cache.layer_input(i, h)
         rows = None if cache is None else cache.layer_rows(i, self, h)
         if rows is None:
             q, k, v = self.qkv(h, cos, sin)

@@ -16,7 +16,8 @@ PROMPTS = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
 # Settings under which each cache recomputes everything at every step (= the exact computation).
 EXACT = {"prefix": {"refresh_interval": 1}, "dual": {"refresh_interval": 1}, "dllm": {"kp": 1, "kr": 1},
          "d2cache": {"refresh_interval": 1}, "vicinity": {"refresh_interval": 1},
-         "sparse": {"delay_steps": 0, "refresh_interval": 1}}
+         "sparse": {"delay_steps": 0, "refresh_interval": 1},
+         "elastic": {"refresh_interval": 1}}
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,11 +46,12 @@ def decode(model, ids, mask, cache=None, gen_length=16, block_length=8, stops=(9
                     stop_token_ids=torch.tensor(list(stops)), cache=cache)
 
 
-def decode_logged(model, ids, mask, cache=None, on_active=None, **kw):
+def decode_logged(model, ids, mask, cache=None, on_active=None, on_fresh=None, **kw):
     """(output, [per-step logits of the active rows, zero elsewhere], [per-step (canvas, block) before the step]).
 
     Rows that do not decode in a step (their block is done while another row's is not) are left out: their logits
-    are never read, and a cache may skip them."""
+    are never read, and a cache may skip them. ``on_fresh`` gets each step's (B, L) bool: the block's columns
+    whose logits are real predictions (``state.fresh``; all True without it)."""
     logits, states = [], []
 
     def log(lg, st):
@@ -58,6 +60,10 @@ def decode_logged(model, ids, mask, cache=None, on_active=None, **kw):
         states.append((st.x.clone(), st.block))
         if on_active is not None:
             on_active(active.tolist())
+        if on_fresh is not None:
+            span = slice(st.block.start, st.block.start + lg.shape[1])
+            every = torch.ones(lg.shape[:2], dtype=torch.bool)
+            on_fresh(st.fresh[:, span].clone() if st.fresh is not None else every)
 
     out = decode(model, ids, mask, cache, on_step=log, **kw)
     return out, logits, states

@@ -20,7 +20,7 @@ from local_tasks import write_generation_task
 
 pytestmark = pytest.mark.slow
 
-CACHES = ["prefix", "dual", "dllm", "d2cache", "sparse"]
+CACHES = ["prefix", "dual", "dllm", "d2cache", "sparse", "elastic"]
 MODES = ["num_transfer_tokens=2", "steps=8", "threshold=0.3", "factor=2.0"]
 # strategy arguments (besides the cache); lengths: gen_length=16, block_length=8 unless the strategy sets its own
 STRATEGIES = {
@@ -69,7 +69,7 @@ def test_every_cache_and_mode_through_lm_eval(llada_dir, dream_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert len(cells) == 10 + 4 * 5 + 2 + 2
+    assert len(cells) == 2 * len(CACHES) + 4 * len(CACHES) + 2 + 2
     for family, cache, name, _ in cells:
         out = tmp_path / f"{family}-{cache}-{name}"
         (path,) = glob.glob(str(out / "*" / "results_*.json"))
