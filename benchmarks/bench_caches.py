@@ -3,6 +3,8 @@
     python benchmarks/bench_caches.py --out results.json            # on a GPU: LLaDA-8B and Dream-7B shapes
     python benchmarks/bench_caches.py --tiny --out /tmp/tiny.json   # on the CPU: tiny shapes, checks the script
     python benchmarks/bench_caches.py --strategy hierarchy ...       # another strategy at its defaults
+    python benchmarks/bench_caches.py --models sdar-8b,llada2-mini --caches none,block --batches 1,64
+                                                                     # block diffusion, in blocks of its own size
 
 Models are built directly on the device with random bf16 weights in the shapes of LLaDA-8B (32 layers, d_model
 4096, 32 heads, MLP 12288, vocab 126464) and Dream-7B (28 layers, hidden 3584, 28 / 4 KV heads, MLP 18944,
@@ -71,11 +73,33 @@ SHAPES = {
                          qk_norm=True, moe=MoEArgs(num_experts=64, top_k=8, expert_intermediate_size=1024,
                                                    shared_intermediate_size=None, norm_topk_prob=False,
                                                    layers=(True,) * 16)),
+    # Block diffusion (block-causal attention, decoded with cache=block, `--block` = the model's block size).
+    # SDAR-8B-Chat: Qwen3-8B layers (36 x 4096, 32 / 8 KV heads of 128, q/k RMSNorm, MLP 12288, vocab 151936), block 4.
+    "sdar-8b": dict(family="sdar", dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, intermediate_size=12288,
+                    vocab_size=151936, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False,
+                    tie_embeddings=False, max_position=32768, mask_token_id=151669, eos_token_id=151645,
+                    pad_token_id=151643, logit_shift=0, qk_norm=True, block_size=4),
+    # LLaDA2.0-mini: 20 x 2048, 16 / 4 KV heads of 128, q/k norm, RoPE on half of each head, layer 0 dense (5120),
+    # then 256 experts of 512, top 8 of 4 groups out of 8, sigmoid router with bias, one shared expert; block 32.
+    "llada2-mini": dict(family="llada2", dim=2048, n_layers=20, n_heads=16, n_kv_heads=4, intermediate_size=5120,
+                        vocab_size=157184, rope_theta=600000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False,
+                        tie_embeddings=False, max_position=32768, mask_token_id=156895, eos_token_id=156892,
+                        pad_token_id=156892, logit_shift=0, qk_norm=True, partial_rotary_factor=0.5,
+                        block_size=32,
+                        moe=MoEArgs(num_experts=256, top_k=8, expert_intermediate_size=512,
+                                    shared_intermediate_size=512, norm_topk_prob=True,
+                                    layers=(False,) + (True,) * 19, score_function="sigmoid", expert_bias=True,
+                                    n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_eps=1e-20,
+                                    weights_fp32=True, router_fp32=True)),
     # --tiny: same code paths on the CPU in seconds
     "tiny-llada": dict(family="llada", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
                        vocab_size=512, rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False, rope_fp32=True,
                        tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
                        pad_token_id=501, logit_shift=0),
+    "tiny-sdar": dict(family="sdar", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                      vocab_size=512, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False,
+                      tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
+                      pad_token_id=501, logit_shift=0, qk_norm=True, block_size=4),
     "tiny-dream": dict(family="dream", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                        vocab_size=512, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, rope_fp32=False,
                        tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
@@ -87,7 +111,8 @@ CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {},  # 
             "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4},
             # Sparse-dLLM at its scripts' and configs' setting (also its defaults)
             "sparse": {"keep_ratio": 0.5, "kernel_size": 3},
-            "elastic": {}}  # Elastic-Cache at the release's defaults (window 16, gamma 0.9, one tracked per layer)
+            "elastic": {},
+            "block": {}}  # Elastic-Cache at the release's defaults (window 16, gamma 0.9, one tracked per layer)
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool = True) -> DiffusionLM:
@@ -325,7 +350,7 @@ def main() -> None:
 
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
-        models = ["tiny-llada", "tiny-dream"]
+        models = args.models.split(",") if args.models.startswith("tiny-") else ["tiny-llada", "tiny-dream"]
         shapes = [(16, 32), (24, 48)]
         block = 8
     else:
@@ -365,8 +390,9 @@ def main() -> None:
             with torch.no_grad():  # compile the fused elementwise kernels for this batch size outside the timings
                 ids = torch.randint(0, model.args.mask_token_id, (B, shapes[0][0]), device=device)
                 model(ids, torch.arange(ids.shape[1], device=device).expand(B, -1))
-            for P, G in shapes:
-                rows += measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save, device)
+            for P, G in shapes:  # a block-diffusion model decodes its own blocks (cache=block)
+                rows += measure_shape(model, name, B, P, G, model.args.block_size or block, caches, eager, args,
+                                      floors, save, device)
             del model
             gc.collect()
             if device.type == "cuda":
