@@ -158,6 +158,9 @@ def test_early_stop_sets_everything_after_the_first_eos_to_eos():
     assert out.commit.tolist() == [[False, True, False, False, False, False, False, False]]
     assert out.overwrite.tolist() == [[False, False, True, True, True, True, True, True]]
     assert out.tokens[0, 1:].tolist() == [EOS] * 7
+    # the masks the fill sets to EOS (not position 3, decoded, nor 5, committed in this pass) are candidates once
+    # more in the next pass, as the release's stale mask map makes them
+    assert state.sampler_state["filled"].tolist() == [[False, False, True, False, True, False, True, True]]
     # with an EOS on the canvas no block is added
     s = sampler(rule="dream", threshold=0.0, early_stop=True)
     state = prepared(s, [[3, EOS, MASK, MASK] + [MASK] * 4])

@@ -23,7 +23,9 @@ lowest-entropy candidate is (guaranteed progress). Tokens are the argmax (temper
 
 ``early_stop`` (the release's name): after a pass's commits, every position after the row's first EOS is set to
 EOS, masked or already decoded (the model sees EOS there from the next pass on; what is before the EOS still
-decodes), and no block is added after an EOS.
+decodes), and no block is added after an EOS. As in the release, whose fill selects from the mask map read before
+it, the masks a fill set to EOS are candidates once more in the next pass (what they pick is set back to EOS, but
+they take that pass's picks and count as progress in their block).
 
 Rows are independent: each has its own blocks, so a left-padded batch gives each row what it gives alone.
 
@@ -211,6 +213,8 @@ class D3LLMSampler(Sampler):
             after = (after.long().cumsum(-1) - after.long()) > 0  # (B, G): strictly after the first EOS
             overwrite = after & (gen != eos)
             tokens = torch.where(after, eos, tokens)
+            # masks the release's next fill sets to EOS (candidates once more in its next pass); a position this
+            # pass committed is a decoded token to the release by then, not a mask
+            mem["filled"] = after & masked & ~commit
             commit &= ~after
-            mem["filled"] = after & masked  # masks this fill sets to EOS (candidates once more in the next pass)
         return StepOutput(commit=commit, tokens=tokens, overwrite=overwrite)
