@@ -18,7 +18,9 @@
       :class:`~lmeval_dllm.state.CanvasEdit`: DAEDAL grows rows and inserts masks); the loop applies it. Rows then
       have their own lengths; the columns past a row's length are hidden from attention and never candidates, and
       the block loop runs until no block is left in the widest row.
-   f. a block that is still undecided after ``Sampler.step_budget(block_length)`` forward passes stops the call
+   f. a ``multi_block`` sampler (d3LLM) keeps several blocks in flight: the loop then runs one block spanning the
+      whole region and the sampler schedules its own blocks of ``block_length`` inside it.
+   g. a block that is still undecided after ``Sampler.step_budget(block_length)`` forward passes stops the call
       with an error naming the block, the step and the rows (a cache or sampler that never decodes would
       otherwise spin forever).
 3. A row *finishes* once a stop token (EOS / end-of-turn) is committed and every position before the first
@@ -152,7 +154,12 @@ def generate(
     sampler.start(state)
     cache.setup(model, state)
 
-    Lb, b = config.block_length, 0
+    if sampler.multi_block and sampler.sizes_canvas:
+        raise ValueError(f"strategy {sampler.name!r} declares both multi_block and sizes_canvas; the loop supports "
+                         f"one of them")
+    state.block_length = config.block_length
+    # A multi-block sampler (d3LLM) schedules its own blocks: the loop's one block is the whole region.
+    Lb, b = (G if sampler.multi_block else config.block_length), 0
     while P + b * Lb < state.x.shape[1]:  # a block remains (a resizing sampler may widen the canvas)
         start = P + b * Lb
         state.block = slice(start, min(start + Lb, state.x.shape[1]))
@@ -184,12 +191,21 @@ def generate(
             commit = out.commit & (cols == mask_id) & active[:, None]
             if state.fresh is not None:  # a cache skipped these columns: their logits are placeholders
                 commit &= state.fresh[:, span]
+            overwrite = None
+            if out.overwrite is not None:  # set outright (no prediction), ahead of commit and remask
+                overwrite = out.overwrite & active[:, None]
+                commit &= ~overwrite
             new = torch.where(commit, out.tokens, cols)
             stamp = torch.where(commit, state.step, state.decoded_at[:, span])
             if out.remask is not None:
                 remask = out.remask & (cols != mask_id) & active[:, None] & ~commit
+                if overwrite is not None:
+                    remask &= ~overwrite
                 new = torch.where(remask, mask_id, new)
                 stamp = torch.where(remask, -1, stamp)
+            if overwrite is not None:
+                new = torch.where(overwrite, out.tokens, new)
+                stamp = torch.where(overwrite & (cols == mask_id), state.step, stamp)  # a filled mask: decoded now
             state.x[:, span] = new
             state.decoded_at[:, span] = stamp
             committed += commit.sum(-1)

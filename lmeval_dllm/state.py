@@ -66,6 +66,9 @@ class DecodeState:
     stop_token_ids: torch.Tensor  # (S,) long: ids that end an answer (EOS, end-of-turn)
     block: slice = field(default_factory=lambda: slice(0, 0))  # absolute columns of the current block
     block_index: int = 0
+    # GenerationConfig.block_length. The loop's block is this wide, except for a ``multi_block`` sampler (d3LLM),
+    # whose single loop block is the whole generation region and which schedules blocks of this width itself.
+    block_length: int = 0
     step_in_block: int = 0  # forward passes already made in this block
     active: Optional[torch.Tensor] = None  # (B,) bool: rows that decode in this step
     decoded_at: Optional[torch.Tensor] = None  # (B, T) long: step at which a column was committed, -1 if not
@@ -168,6 +171,10 @@ class StepOutput:
     commit: torch.Tensor  # (B, L) bool: positions to fill now
     tokens: torch.Tensor  # (B, L) long: the token for each committed position (ignored elsewhere)
     remask: Optional[torch.Tensor] = None  # (B, L) bool: decoded positions to turn back into [MASK]
+    # (B, L) bool: positions (masked or decoded) set to ``tokens`` outright, not as a prediction: the columns of a
+    # cache's skipped rows too, and ahead of ``commit`` / ``remask``. d3LLM's early stop writes EOS after a row's
+    # first EOS. The loop's early finish assumes nothing before a row's first stop token is overwritten.
+    overwrite: Optional[torch.Tensor] = None
     # A structural edit of the canvas, applied by the loop after the commits (DAEDAL: grow rows, insert masks).
     edit: Optional["CanvasEdit"] = None
 

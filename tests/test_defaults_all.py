@@ -21,7 +21,8 @@ from lmeval_dllm.lm import DLLM
 from lmeval_dllm.samplers import SAMPLERS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet"]
+STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet",
+              "d3llm"]
 CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse", "elastic"]
 # Caches for block-causal models only (SDAR, TraDo): refused on the bundled LLaDA (test below); their every-strategy
 # runs are in tests/test_sdar.py.

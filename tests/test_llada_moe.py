@@ -157,6 +157,7 @@ STRATEGIES = {
     "wino": {},
     "daedal": {"initial_gen_length": 8, "max_gen_length": 32, "num_check_last_eot": 4, "threshold": 0.5},
     "prophet": {"early_threshold": 1.0, "mid_threshold": 0.5, "late_threshold": 0.1, "answer_start": 8},
+    "d3llm": {"threshold": 5.0, "block_add_threshold": 0.25, "decoded_token_threshold": 0.5, "early_stop": True},
 }
 CACHES = [None, ("prefix", {}), ("dual", {"refresh_interval": 3}), ("dllm", {"kp": 3, "kr": 2}),
           ("d2cache", {"current_k": 3, "inflate_w": 2})]

@@ -29,6 +29,8 @@ RUNS = {
     "ar": ("llada", "num_transfer_tokens=1"),
     # only the late phase can exit: at pass 6 of the 8 planned (6 / 8 >= 0.67), every mask left at once
     "prophet": ("llada", "early_threshold=1e9,mid_threshold=1e9,late_threshold=0.0"),
+    # an entropy threshold above every entropy of the tiny model (ln 256 = 5.5 nats): a whole block per pass
+    "d3llm": ("dream", "threshold=6.0,block_add_threshold=0.25,decoded_token_threshold=0.5,early_stop=true"),
 }
 
 
@@ -92,6 +94,8 @@ def per_step_rule(name, stats):
     if name == "prophet":  # ordinary one-token passes, then the all-in pass 6 (unless a stop token came first)
         assert all(n <= 6 for n in nfe) and 6 in nfe
         assert all(c == (GEN_LENGTH if n == 6 else n) for n, c in zip(nfe, committed))
+    if name == "d3llm":  # block 1 in the first pass, block 2 (added once block 1 is done) in the second
+        assert all(n <= 2 for n in nfe)
     if name == "ar":  # left to right: a row stops right after committing its first stop token
         assert nfe == [min(r["answer_tokens"] + 1, GEN_LENGTH) for r in stats]
 

@@ -11,6 +11,7 @@ from lmeval_dllm.params import coerce_kwargs, did_you_mean, keyword_params
 from lmeval_dllm.samplers.ar import LeftToRightSampler
 from lmeval_dllm.samplers.base import Sampler
 from lmeval_dllm.samplers.credit import CreditSampler
+from lmeval_dllm.samplers.d3llm import D3LLMSampler
 from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
 from lmeval_dllm.samplers.hierarchy import HierarchySampler
 from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
@@ -33,6 +34,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "hierarchy": HierarchySampler,  # dInfer hierarchical decoding: each masked run's best (arXiv:2510.08666)
     "credit": CreditSampler,  # dInfer credit decoding: EMA credit of top-1 tokens fused into the logits
     "prophet": ProphetSampler,  # Prophet: commit every mask once the answer's top-2 gap clears a phase threshold
+    "d3llm": D3LLMSampler,  # d3LLM: several blocks in flight, entropy-threshold commits (arXiv:2601.07568)
 }
 
 

@@ -32,6 +32,9 @@ class Sampler:
       its ``initial_gen_length`` instead of ``gen_length``, and a step may return a :class:`CanvasEdit` in
       ``StepOutput.edit`` that grows rows up to its ``max_gen_length`` (both are then attributes of the sampler);
       the loop applies it after the step's commits.
+    - ``multi_block``: the sampler keeps several blocks in flight (d3LLM): the loop runs one block spanning the
+      whole generation region (caches see it as the block) and the sampler schedules its own blocks of
+      ``state.block_length`` columns inside it; use it with ``logits_span = "generation"``.
     - ``cache_needs``: what the strategy asks of a cache beyond the usual forward (``lmeval_dllm.caches.FEATURES``):
       ``"extra_rows"`` (runs rows that are not part of the canvas, e.g. WINO's shadow block, through
       ``cache.forward(..., extra=ExtraRows(...))``), ``"resize"`` (changes the canvas length while decoding, e.g.
@@ -42,6 +45,7 @@ class Sampler:
     can_remask: ClassVar[bool] = False
     logits_span: ClassVar[str] = "block"
     sizes_canvas: ClassVar[bool] = False
+    multi_block: ClassVar[bool] = False
     cache_needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, proposal: "Proposal"):
@@ -74,7 +78,8 @@ class Sampler:
 
     def step_budget(self, block_length: int) -> int:
         """Most forward passes one block may take before the loop stops with an error (a guard against a
-        sampler or cache bug that never decodes the block). A sampler that commits at least one position per
+        sampler or cache bug that never decodes the block). ``block_length`` is the loop block's width: the whole
+        generation region for a ``multi_block`` sampler. A sampler that commits at least one position per
         step needs ``block_length``; the default leaves room for re-masking and fallbacks."""
         return 4 * block_length + 16
 
