@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import dream, llada, llada_moe
+from lmeval_dllm.models import dream, fast_dllm_v2, llada, llada_moe
 from lmeval_dllm.models.family import Family, TinyTokenizer
 from lmeval_dllm.models.loading import Slot, load_weights, read_config, resolve_checkpoint_dir
 from lmeval_dllm.models.lora import lora_deltas
@@ -24,6 +24,7 @@ FAMILIES: dict[str, Family] = {
     llada.FAMILY.name: llada.FAMILY,  # GSAI-ML/LLaDA-8B-Base, GSAI-ML/LLaDA-8B-Instruct, GSAI-ML/LLaDA-1.5
     dream.FAMILY.name: dream.FAMILY,  # Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B
     llada_moe.FAMILY.name: llada_moe.FAMILY,  # inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct, -Instruct-TD
+    fast_dllm_v2.FAMILY.name: fast_dllm_v2.FAMILY,  # Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B
 }
 
 

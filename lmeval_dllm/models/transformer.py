@@ -71,6 +71,10 @@ class ModelArgs:
     logit_shift: int  # 0: row i predicts position i (LLaDA); 1: row i-1 predicts position i (Dream)
     qk_norm: bool = False  # RMSNorm over each head's q and k (one weight of head_dim shared by the heads), before RoPE
     moe: Optional[MoEArgs] = None  # None: every layer has the dense SwiGLU MLP
+    # None: bidirectional attention. An int: block-causal attention with blocks of that many canvas columns
+    # (block diffusion: Fast-dLLM v2's bd_size): column q attends to column k iff k // block_size <= q // block_size.
+    # Read by parse_config here; applied by the block-causal attention seam (merged separately).
+    block_size: Optional[int] = None
 
     @property
     def head_dim(self) -> int:
