@@ -65,6 +65,7 @@ FAMILIES = {
     "llada": (["q_proj", "k_proj", "v_proj", "ff_proj", "up_proj", "attn_out"], {}),
     "dream": (["q_proj", "v_proj", "gate_proj", "down_proj"], {}),
     "llada_moe": (["q_proj", "o_proj", "gate_proj"], {}),  # gate_proj: the dense layer's and every expert's
+    "fast_dllm_v2": (["q_proj", "v_proj", "gate_proj", "down_proj"], {}),
 }
 
 

@@ -130,7 +130,8 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
         "Dream-org/Dream-Coder-v0-Base-7B, Dream-org/Dream-Coder-v0-Instruct-7B, apple/DiffuCoder-7B-Base, "
         "apple/DiffuCoder-7B-Instruct, apple/DiffuCoder-7B-cpGRPO, d3LLM/d3LLM_Dream); llada_moe (model_type 'llada', architectures LLaDAMoEModelLM, "
         "LLaDAMoEModel: inclusionAI/LLaDA-MoE-7B-A1B-Base, inclusionAI/LLaDA-MoE-7B-A1B-Instruct, "
-        "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD)")
+        "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD); fast_dllm_v2 (model_type 'Fast_dLLM_Qwen', architectures "
+        "Fast_dLLM_QwenForCausalLM: Efficient-Large-Model/Fast_dLLM_v2_1.5B, Efficient-Large-Model/Fast_dLLM_v2_7B)")
 
 
 def test_same_model_type_other_architecture_is_not_loaded_as_the_dense_family(llada_dir, tmp_path):
