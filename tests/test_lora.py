@@ -66,6 +66,7 @@ FAMILIES = {
     "dream": (["q_proj", "v_proj", "gate_proj", "down_proj"], {}),
     "llada_moe": (["q_proj", "o_proj", "gate_proj"], {}),  # gate_proj: the dense layer's and every expert's
     "llada2": (["query_key_value", "dense", "up_proj"], {}),  # fused q/k/v; up_proj: dense, experts, shared
+    "fast_dllm_v2": (["q_proj", "v_proj", "gate_proj", "down_proj"], {}),
 }
 
 

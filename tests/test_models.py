@@ -135,7 +135,9 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
         "inclusionAI/LLaDA2.1-mini); "
         "sdar (model_type 'sdar', architectures SDARForCausalLM, SDARModel: "
         "JetLM/SDAR-1.7B-Chat, JetLM/SDAR-4B-Chat, JetLM/SDAR-8B-Chat (and their -b8/-b16/-b32/-b64 block variants), "
-        "Gen-Verse/TraDo-4B-Instruct, Gen-Verse/TraDo-8B-Instruct, Gen-Verse/TraDo-8B-Thinking)")
+        "Gen-Verse/TraDo-4B-Instruct, Gen-Verse/TraDo-8B-Instruct, Gen-Verse/TraDo-8B-Thinking); "
+        "fast_dllm_v2 (model_type 'Fast_dLLM_Qwen', architectures "
+        "Fast_dLLM_QwenForCausalLM: Efficient-Large-Model/Fast_dLLM_v2_1.5B, Efficient-Large-Model/Fast_dLLM_v2_7B)")
 
 
 def test_same_model_type_other_architecture_is_not_loaded_as_the_dense_family(llada_dir, tmp_path):

@@ -12,7 +12,7 @@ from lmeval_dllm.models import load_model
 from lmeval_dllm.tiny import official_state_dict, write_checkpoint
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "fast_dllm_v2"])  # fast_dllm_v2: a tied head
 def test_official_state_dict_round_trips_through_the_loader(tmp_path, family):
     """Export (fused q/k/v and gate/up cut back into official pieces) then load = the same module."""
     src = load_model(write_checkpoint(str(tmp_path / "a"), family, seed=3))

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import dream, llada, llada2, llada_moe, sdar
+from lmeval_dllm.models import dream, fast_dllm_v2, llada, llada2, llada_moe, sdar
 from lmeval_dllm.models.family import Family, TinyTokenizer
 from lmeval_dllm.models.loading import Slot, load_weights, read_config, resolve_checkpoint_dir
 from lmeval_dllm.models.lora import lora_deltas
@@ -26,6 +26,7 @@ FAMILIES: dict[str, Family] = {
     llada_moe.FAMILY.name: llada_moe.FAMILY,  # inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct, -Instruct-TD
     llada2.FAMILY.name: llada2.FAMILY,  # inclusionAI/LLaDA2.0-mini, LLaDA2.0-mini-preview, LLaDA2.1-mini
     sdar.FAMILY.name: sdar.FAMILY,  # JetLM/SDAR-1.7B/4B/8B-Chat (-b8 ... -b64), Gen-Verse/TraDo-4B/8B-Instruct
+    fast_dllm_v2.FAMILY.name: fast_dllm_v2.FAMILY,  # Efficient-Large-Model/Fast_dLLM_v2_1.5B, _7B
 }
 
 

@@ -89,7 +89,7 @@ class ModelArgs:
     partial_rotary_factor: float = 1.0  # RoPE rotates the first int(factor * head_dim) dims of each head (LLaDA2: 0.5)
     attn_out_bias: bool = False  # the attention output projection has a bias (LLaDA2's use_bias)
     # None: bidirectional attention. An int: block-causal attention with blocks of that many canvas columns
-    # (block diffusion: SDAR, TraDo, LLaDA2): column q attends to column k iff k // block_size <= q // block_size,
+    # (block diffusion: SDAR, TraDo, LLaDA2, Fast-dLLM v2's bd_size): column q attends to column k iff k // block_size <= q // block_size,
     # the trained block size; the decode loop aligns every row's blocks to canvas columns (generate.py).
     block_size: Optional[int] = None
     head_dim_override: Optional[int] = None  # config.json head_dim when it is not dim // n_heads (Qwen3, SDAR)
