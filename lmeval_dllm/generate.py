@@ -104,23 +104,40 @@ def generate(
     sampler.validate_lengths(config.gen_length, config.block_length)
     cache = cache if cache is not None else Cache()
     check_compatible(sampler, cache)
+    check_block_causal(model.args.block_size, sampler, cache, config.block_length)
     device = model.device
     B, P = prompt_ids.shape
     G = sampler.initial_gen_length if sampler.sizes_canvas else config.gen_length
     mask_id = model.mask_token_id
     prompt_ids = prompt_ids.to(device)
-    x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
-    attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)
-    if prompt_mask is not None and not bool(prompt_mask.all()):  # one sync per call, not per step
-        prompt_mask = prompt_mask.to(device=device, dtype=torch.bool)
-        attention_mask = torch.cat([prompt_mask, torch.ones(B, G, dtype=torch.bool, device=device)], dim=1)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    stop_token_ids = stop_token_ids.to(device)
+    answer_start = answer_width = None
+    if model.args.block_size is not None:
+        fill = int(stop_token_ids[0]) if stop_token_ids.numel() else model.args.pad_token_id
+        x, attention_mask, position_ids, P, answer_start, answer_width = block_aligned_canvas(
+            prompt_ids, prompt_mask, G, model.args.block_size, mask_id, fill)
+    else:
+        x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
+        attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)
+        if prompt_mask is not None and not bool(prompt_mask.all()):  # one sync per call, not per step
+            prompt_mask = prompt_mask.to(device=device, dtype=torch.bool)
+            attention_mask = torch.cat([prompt_mask, torch.ones(B, G, dtype=torch.bool, device=device)], dim=1)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     state = DecodeState(
         x=x, position_ids=position_ids, attention_mask=attention_mask, prompt_len=P, mask_token_id=mask_id,
-        stop_token_ids=stop_token_ids.to(device), generator=generator,
-        decoded_at=torch.full((B, P + G), -1, dtype=torch.long, device=device),
+        stop_token_ids=stop_token_ids, generator=generator,
+        decoded_at=torch.full(x.shape, -1, dtype=torch.long, device=device),
+        answer_start=answer_start, budget_blocks=None if answer_start is None else G // config.block_length,
     )
+
+    def answers(t: torch.Tensor) -> torch.Tensor:
+        """(B, T) canvas tensor -> (B, G') each row's answer columns, left-aligned (the generation region for a
+        bidirectional model; a block-aligned canvas starts each row's answer after its prompt tail)."""
+        gen = t[:, P:]
+        if answer_start is None:
+            return gen
+        return answer_columns(gen, answer_start, answer_width, fill=mask_id)
     nfe = torch.zeros(B, dtype=torch.long, device=device)
     committed = torch.zeros(B, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -179,18 +196,100 @@ def generate(
                 state.block = slice(start, min(start + Lb, state.x.shape[1]))
             cache.end_step(state, out)
             if not sampler.can_remask:  # a revokable sampler may still change tokens before EOS
-                finished |= finished_rows(state.x[:, P:], state.stop_token_ids, mask_id)
+                finished |= finished_rows(answers(state.x), state.stop_token_ids, mask_id)
         if sampler.can_remask:
-            finished |= finished_rows(state.x[:, P:], state.stop_token_ids, mask_id)
+            finished |= finished_rows(answers(state.x), state.stop_token_ids, mask_id)
         if block_done is not None:
-            finished |= block_done(state.x[:, P:], finished)
+            finished |= block_done(answers(state.x), finished)
         if bool(finished.all()):
             break
         b += 1
 
-    gen = state.x[:, P:]
-    gen_lengths = state.gen_lengths if state.gen_lengths is not None else \
-        torch.full((B,), gen.shape[1], dtype=torch.long, device=device)
+    gen = answers(state.x)
+    if answer_width is not None:
+        gen_lengths = answer_width
+    elif state.gen_lengths is not None:
+        gen_lengths = state.gen_lengths
+    else:
+        gen_lengths = torch.full((B,), gen.shape[1], dtype=torch.long, device=device)
+    decoded_at = state.decoded_at[:, P:] if answer_start is None else \
+        answer_columns(state.decoded_at[:, P:], answer_start, answer_width, fill=-1)
     return GenerationOutput(tokens=gen, nfe=nfe, committed=committed,
                             answer_length=torch.minimum(first_stop(gen, state.stop_token_ids), gen_lengths),
-                            decoded_at=state.decoded_at[:, P:], steps=state.step, gen_lengths=gen_lengths)
+                            decoded_at=decoded_at, steps=state.step, gen_lengths=gen_lengths)
+
+
+def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sampler], cache: Cache | type[Cache],
+                       block_length: Optional[int]) -> None:
+    """Raise ValueError, before any model work, for a setting a block-causal model (``ModelArgs.block_size``)
+    cannot decode: a block length other than the trained block size (the attention's blocks are the model's),
+    a strategy that reads logits past the current block, grows the canvas or runs extra rows, and a cache built
+    on full attention (``Cache.block_causal``)."""
+    if block_size is None:
+        if cache.needs_block_causal:
+            raise ValueError(f"cache={cache.name!r} serves block-causal (block-diffusion) models only (SDAR, TraDo); "
+                             f"this model attends bidirectionally: use cache=none, prefix, dual, ...")
+        return
+    if block_length is not None and block_length != block_size:
+        raise ValueError(
+            f"block_length={block_length} differs from the model's block size {block_size} (config.json block_size): "
+            f"a block-diffusion model attends block-causally over blocks of {block_size}, and the decode blocks must "
+            f"be those blocks; give block_length={block_size} or leave it out (use a checkpoint trained with another "
+            f"block size, e.g. an SDAR -b8 ... -b64 variant, for other blocks)"
+        )
+    why = None
+    if sampler.logits_span != "block":
+        why = "reads logits past the current block (logits_span='generation'), which a block-causal model computes " \
+              "only from the blocks to their left"
+    elif sampler.sizes_canvas or sampler.cache_needs:
+        why = "changes the canvas or runs extra rows (" + ", ".join(sorted(sampler.cache_needs)) + ")"
+    if why:
+        raise ValueError(f"strategy {sampler.name!r} cannot decode a block-causal (block-diffusion) model: it {why}")
+    if cache.block_causal is not True:
+        raise ValueError(f"cache={cache.name!r} cannot serve a block-causal (block-diffusion) model: "
+                         f"{cache.block_causal}. Use cache=block (exact: finished blocks' K/V are final) or none.")
+
+
+def block_aligned_canvas(prompt_ids: torch.Tensor, prompt_mask: Optional[torch.Tensor], gen_length: int,
+                         block_size: int, mask_id: int, fill_id: int):
+    """The canvas of a block-causal model (block diffusion, SDAR arXiv:2510.06303, ``block_diffusion_generate``).
+
+    The release lays one prompt of length L at positions 0..L-1 of ``ceil((L + gen_length) / bs) * bs``
+    columns, blocks counted from position 0; the block holding the prompt's last ``L mod bs`` tokens is the first
+    one decoded, its prompt tokens kept. For a batch, row i is left-padded by ``p_i = bs * (Kmax - L_i // bs)``
+    (``Kmax`` = the most full prompt blocks of any row), so every row's blocks are canvas blocks (column // bs)
+    and every row's prompt tail starts canvas block ``Kmax``; columns past a row's end hold ``fill_id`` and are
+    hidden from attention. RoPE positions are ``column - p_i``: each row sees exactly what it sees alone.
+
+    Args:
+        prompt_ids (`torch.LongTensor` of shape `(B, P)`): left-padded prompts; prompt_mask (B, P) bool or None.
+    Returns:
+        x (B, T), attention_mask (B, T) bool, position_ids (B, T), the first generation column ``bs * Kmax``,
+        answer_start (B,) (= ``L_i mod bs``, generation-relative) and answer_width (B,) (each row's masks:
+        ``ceil((L_i + G) / bs) * bs - L_i``). One host read (Kmax and the canvas width).
+    """
+    B, P = prompt_ids.shape
+    device, bs = prompt_ids.device, block_size
+    lengths = torch.full((B,), P, dtype=torch.long, device=device) if prompt_mask is None else \
+        prompt_mask.to(device=device, dtype=torch.long).sum(-1)
+    full, tail = lengths // bs, lengths % bs
+    k_max, ragged = torch.stack([full.max(), (tail > 0).any().long()]).tolist()  # the one host read
+    start = bs * k_max
+    T = start + gen_length + bs * ragged
+    pad = bs * (k_max - full)  # (B,)
+    total = bs * (full + (tail > 0).long()) + gen_length  # (B,) = ceil((L + G) / bs) * bs, row-relative
+    rel = torch.arange(T, device=device)[None, :] - pad[:, None]  # (B, T) row-relative position
+    src = (P - lengths[:, None] + rel).clamp(0, P - 1)
+    x = torch.where(rel < lengths[:, None], prompt_ids.gather(1, src), mask_id)
+    inside = (rel >= 0) & (rel < total[:, None])
+    x = torch.where(inside, x, fill_id)
+    return x, inside, rel.clamp(min=0), start, tail, total - lengths
+
+
+def answer_columns(gen: torch.Tensor, start: torch.Tensor, width: torch.Tensor, *, fill: int) -> torch.Tensor:
+    """gen (B, W), start (B,), width (B,) -> (B, max width): row i's columns ``[start_i, start_i + width_i)``
+    left-aligned, ``fill`` after them."""
+    W = int(gen.shape[1])
+    col = torch.arange(W, device=gen.device)[None, :]
+    src = (start[:, None] + col).clamp(max=W - 1)
+    return torch.where(col < width[:, None], gen.gather(1, src), fill)

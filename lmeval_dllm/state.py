@@ -77,6 +77,13 @@ class DecodeState:
     # (B,) long: each row's own generation length, for samplers that grow rows (DAEDAL); None = every row spans
     # the whole canvas. Columns past a row's length hold a pad token and are hidden from attention.
     gen_lengths: Optional[torch.Tensor] = None
+    # Block-causal models (``ModelArgs.block_size``): the canvas is block-aligned (generate.py,
+    # :func:`~lmeval_dllm.generate.block_aligned_canvas`), so the first generation block starts with each row's
+    # prompt tail. (B,) long: the generation column where each row's answer starts (its own masks); None = 0.
+    answer_start: Optional[torch.Tensor] = None
+    # How many blocks a strategy's total ``steps`` budget is split over (gen_length // block_length); None = the
+    # canvas's blocks. A block-aligned canvas has one block more than that when a prompt ends inside a block.
+    budget_blocks: Optional[int] = None
 
     @property
     def batch_size(self) -> int:

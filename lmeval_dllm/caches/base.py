@@ -30,7 +30,7 @@ What a strategy does to use a cache:
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 import torch
 
@@ -109,10 +109,16 @@ class Cache(LayerHooks):
     Capabilities, read once by :func:`check_compatible` (never ``isinstance``):
 
     - ``lacks``: ``{feature: why}`` for each :data:`FEATURES` entry this cache cannot provide.
+    - ``block_causal``: True if it serves a block-causal model exactly, else the reason it cannot;
+      ``needs_block_causal``: it serves only such models.
     """
 
     name: ClassVar[str] = "none"
     lacks: ClassVar[dict[str, str]] = {}
+    # True: gives a block-causal model (``ModelArgs.block_size``, block diffusion) its exact attention; otherwise
+    # why not (read by ``generate.check_block_causal`` before any model work).
+    block_causal: ClassVar[Union[bool, str]] = True
+    needs_block_causal: ClassVar[bool] = False  # only a block-causal model can use it (cache=block)
 
     def __init__(self, *, cuda_graphs: bool = True) -> None:
         self.cuda_graphs = cuda_graphs

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.models import dream, llada, llada2, llada_moe
+from lmeval_dllm.models import dream, llada, llada2, llada_moe, sdar
 from lmeval_dllm.models.family import Family, TinyTokenizer
 from lmeval_dllm.models.loading import Slot, load_weights, read_config, resolve_checkpoint_dir
 from lmeval_dllm.models.lora import lora_deltas
@@ -25,6 +25,7 @@ FAMILIES: dict[str, Family] = {
     dream.FAMILY.name: dream.FAMILY,  # Dream-org/Dream-v0-Base-7B, Dream-org/Dream-v0-Instruct-7B
     llada_moe.FAMILY.name: llada_moe.FAMILY,  # inclusionAI/LLaDA-MoE-7B-A1B-Base, -Instruct, -Instruct-TD
     llada2.FAMILY.name: llada2.FAMILY,  # inclusionAI/LLaDA2.0-mini, LLaDA2.0-mini-preview, LLaDA2.1-mini
+    sdar.FAMILY.name: sdar.FAMILY,  # JetLM/SDAR-1.7B/4B/8B-Chat (-b8 ... -b64), Gen-Verse/TraDo-4B/8B-Instruct
 }
 
 

@@ -86,11 +86,15 @@ class ModelArgs:
     moe: Optional[MoEArgs] = None  # None: every layer has the dense SwiGLU MLP
     partial_rotary_factor: float = 1.0  # RoPE rotates the first int(factor * head_dim) dims of each head (LLaDA2: 0.5)
     attn_out_bias: bool = False  # the attention output projection has a bias (LLaDA2's use_bias)
-    block_size: Optional[int] = None  # None: bidirectional attention; an int: block-causal (LLaDA2: 32)
+    # None: bidirectional attention. An int: block-causal attention with blocks of that many canvas columns
+    # (block diffusion: SDAR, TraDo, LLaDA2): column q attends to column k iff k // block_size <= q // block_size,
+    # the trained block size; the decode loop aligns every row's blocks to canvas columns (generate.py).
+    block_size: Optional[int] = None
+    head_dim_override: Optional[int] = None  # config.json head_dim when it is not dim // n_heads (Qwen3, SDAR)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim_override or self.dim // self.n_heads
 
     @property
     def rope_dim(self) -> int:
@@ -123,6 +127,28 @@ class LayerHooks:
         """q (B, Hq, Q, Dh) of the rows run and the keys k (B, Hkv, S, Dh) they attend to."""
 
 
+def block_causal(query_cols: torch.Tensor, keys: int, block_size: int,
+                 attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The block-causal attention mask of block diffusion (SDAR, arXiv:2510.06303; the release's
+    ``block_diffusion_attention_mask``): query column q attends to key column k iff ``k // block_size <= q //
+    block_size`` (its own block bidirectionally, every earlier block), and-ed with ``attn_mask`` (key padding).
+
+    A query always attends to its own column besides: a padding query whose block holds only padding keys would
+    otherwise have no key at all (SDPA returns NaN there, and NaN values poison the real rows through 0 * NaN).
+    A real query's own column is inside its block and not padding, so its row is unchanged.
+
+    query_cols (1|B, Q) long canvas columns; keys: the number of key slots (key j = canvas column j);
+    attn_mask (B, 1, 1|Q, keys) bool or None. Returns (1|B, 1, Q, keys) bool.
+    """
+    key_cols = torch.arange(keys, device=query_cols.device)
+    allowed = (key_cols[None, None, :] // block_size) <= (query_cols[:, :, None] // block_size)  # (1|B, Q, S)
+    if attn_mask is not None:
+        allowed = allowed[:, None] & attn_mask
+    else:
+        allowed = allowed[:, None]
+    return allowed | (key_cols[None, None, None, :] == query_cols[:, None, :, None])
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the affine weight, as both families' HF code does."""
 
@@ -146,6 +172,7 @@ class Block(nn.Module):
         self.layer_idx, self.fuse = layer_idx, fuse
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.rope_fp32 = args.rope_fp32
+        self.block_size = args.block_size
         q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.qkv_split = (q_dim, kv_dim, kv_dim)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, fuse)
@@ -185,11 +212,16 @@ class Block(nn.Module):
         v = F.linear(self.attn_norm(h), self.wqkv.weight[start:], bias)
         return v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor]):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+               query_cols: Optional[torch.Tensor] = None):
         """q (B, Hq, Q, Dh) over k, v (B, Hkv, T, Dh); attn_mask (B, 1, 1|Q, T) bool, True = attend.
 
-        Bidirectional (no causal mask). Returns the output projection (B, Q, D).
+        Bidirectional, or block-causal when the model has a ``block_size``: then ``query_cols`` ((1|B, Q) long)
+        are the canvas columns of the queries, key j is canvas column j, and :func:`block_causal` is combined
+        with ``attn_mask``. Returns the output projection (B, Q, D).
         """
+        if self.block_size is not None:
+            attn_mask = block_causal(query_cols, k.shape[2], self.block_size, attn_mask)
         if self.n_kv_heads != self.n_heads:
             if _SDPA_HAS_GQA:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
@@ -211,10 +243,12 @@ class Block(nn.Module):
         return self.w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                cache: Optional[LayerHooks] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache: Optional[LayerHooks] = None, input_pos: Optional[torch.Tensor] = None,
+                query_cols: Optional[torch.Tensor] = None) -> torch.Tensor:
         """h (B, Q, D) -> (B, Q, D). With a cache, K/V go through ``cache.update`` at ``input_pos``; a cache that
         returns a row subset for this layer gets only those rows recomputed (their K/V at the subset's slots)
-        and supplies the outputs of the others (``cache.reuse``)."""
+        and supplies the outputs of the others (``cache.reuse``). ``query_cols`` (1|B, Q): the rows' canvas
+        columns, for a block-causal model."""
         i = self.layer_idx
         rows = None if cache is None else cache.layer_rows(i, self, h)
         if rows is None:
@@ -223,7 +257,7 @@ class Block(nn.Module):
                 k, v = cache.update(i, input_pos, k, v)
                 if cache.needs_attention:
                     cache.observe_attention(i, q, k)
-            h = h + self.attend(q, k, v, attn_mask)
+            h = h + self.attend(q, k, v, attn_mask, query_cols)
             return h + self.mlp(h)
         attn = None
         if rows.count:
@@ -232,7 +266,8 @@ class Block(nn.Module):
             k, v = cache.update(i, rows.slots, k, v)
             if cache.needs_attention:
                 cache.observe_attention(i, q, k)
-            attn = self.attend(q, k, v, attn_mask)
+            slots = rows.slots if rows.slots.dim() == 2 else rows.slots[None]
+            attn = self.attend(q, k, v, attn_mask, slots)
         h = h + cache.reuse(i, "attn", rows, attn)
         ffn = self.mlp(gather_rows(h, rows.index)) if rows.count else None
         return h + cache.reuse(i, "mlp", rows, ffn)
@@ -488,8 +523,14 @@ class DiffusionLM(nn.Module):
         mask = attention_mask
         if mask is not None and mask.dim() == 2:
             mask = mask[:, None, None, :]  # (B, 1, 1, T)
+        query_cols = None
+        if self.args.block_size is not None:  # the rows' canvas columns: the key slots they write, or 0..Q-1
+            if input_pos is None:
+                query_cols = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            else:
+                query_cols = input_pos if input_pos.dim() == 2 else input_pos[None]
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, input_pos)
+            h = layer(h, cos, sin, mask, cache, input_pos, query_cols)
         if logits_index is not None:
             h = h[:, logits_index]
         return h if hidden else self.head(h)

@@ -139,7 +139,8 @@ class LowConfidenceSampler(Sampler):
 
     def begin_block(self, state: DecodeState) -> None:
         if self.steps is not None:
-            per_block = self.steps // (state.gen_length // (state.block.stop - state.block.start))
+            blocks = state.budget_blocks or state.gen_length // (state.block.stop - state.block.start)
+            per_block = self.steps // blocks
             if self.schedule == "dream":
                 # float32, on the canvas's device, as Dream's diffusion_generate builds it
                 state.sampler_state["timesteps"] = torch.linspace(1, self.eps, per_block + 1, device=state.x.device)
