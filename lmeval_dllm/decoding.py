@@ -146,6 +146,8 @@ def resolve(
     task_gen_kwargs: Optional[Mapping[str, Any]] = None,
     *,
     max_length: Optional[int] = None,
+    block_size: Optional[int] = None,
+    family_defaults: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Decoding:
     """The settings one group of requests runs with (the rules: this module's docstring).
 
@@ -154,6 +156,11 @@ def resolve(
         user_params: the other decoding parameters of ``--model_args`` (strategy, proposal, loop and cache ones).
         task_gen_kwargs: a request's ``generation_kwargs``; None checks the user's parameters alone (start-up).
         max_length: the model's context (prompt + generation); None skips the checks and fits against it.
+        block_size: a block-causal model's block (``ModelArgs.block_size``): the default ``block_length``, and a
+            ``gen_length`` that is not a multiple of it is rounded up to one (a note; the release decodes whole
+            blocks too).
+        family_defaults: the model family's ``{strategy: {parameter: value}}`` (``Family.decoding_defaults``),
+            used below the task's and the user's values.
     Raises:
         ValueError: naming the parameter, its value and what is allowed.
     """
@@ -180,7 +187,12 @@ def resolve(
     if task_gen_kwargs is not None:
         kwargs, until, max_gen_toks, budget_key = _split(task_gen_kwargs)
         task = _check_names(strategy, cache, kwargs, source=TASK_KWARGS)
-    params = {**task, **user}
+    family = dict((family_defaults or {}).get(strategy, {}))
+    params = {**family, **task, **user}
+    for name in family:
+        if name not in task and name not in user:
+            notes.append(f"strategy {strategy!r} on this model family: {name}={family[name]} (the release's "
+                         f"default)")
 
     def source(name: str) -> str:
         return MODEL_ARGS if name in user else TASK_KWARGS
@@ -214,6 +226,13 @@ def resolve(
                     f"{max_length}; pass gen_length=<at most {max_length - 1}> in --model_args, or a larger "
                     f"max_length"
                 )
+            if block_size is not None and gen_length % (block_length or block_size):
+                rounded = -(-gen_length // (block_length or block_size)) * (block_length or block_size)
+                notes.append(f"gen_length={gen_length} is not a multiple of the block-causal model's block "
+                             f"{block_length or block_size}: gen_length={rounded} (whole blocks)")
+                gen_length = rounded
+            if block_length is None and block_size is not None:
+                block_length = block_size
             if block_length is None:
                 block_length = DEFAULT_BLOCK_LENGTH
                 if gen_length % DEFAULT_BLOCK_LENGTH:

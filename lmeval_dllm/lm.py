@@ -181,7 +181,8 @@ class DLLM(StatsReporting, TemplateLM):
         self.max_length = self.max_length_arg or self.model_args.max_position
         # Lengths against the model's context, before the weights are read: a given length that cannot fit is
         # an error, a default that does not fit is fitted (a logged note).
-        self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length).notes)
+        self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length,
+                           block_size=self.model_args.block_size, family_defaults=self.family.decoding_defaults).notes)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
@@ -200,7 +201,8 @@ class DLLM(StatsReporting, TemplateLM):
     def _decoding_for(self, gen_kwargs: dict) -> tuple[GenerationConfig, Any, list[str]]:
         """One request group's settings (``lmeval_dllm.decoding.resolve``: --model_args > task gen kwargs >
         defaults), its sampler bound to this tokenizer's EOS / end-of-turn ids, and its stop strings."""
-        decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length)
+        decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length,
+                           block_size=self.model_args.block_size, family_defaults=self.family.decoding_defaults)
         self._note(decoding.notes)
         sampler = decoding.sampler
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())

@@ -166,6 +166,11 @@ class StepOutput:
     commit: torch.Tensor  # (B, L) bool: positions to fill now
     tokens: torch.Tensor  # (B, L) long: the token for each committed position (ignored elsewhere)
     remask: Optional[torch.Tensor] = None  # (B, L) bool: decoded positions to turn back into [MASK]
+    # (B, L) bool: decoded positions to overwrite with ``tokens`` (token to token, never back to a mask; LLaDA2.1's
+    # editing). The loop applies it only where this call committed the column (``decoded_at >= 0``: never a
+    # prompt column) and the logits are real (``fresh``), in active rows; a sampler that returns it declares
+    # ``can_edit``.
+    overwrite: Optional[torch.Tensor] = None
     # A structural edit of the canvas, applied by the loop after the commits (DAEDAL: grow rows, insert masks).
     edit: Optional["CanvasEdit"] = None
 

@@ -14,6 +14,7 @@ from lmeval_dllm.samplers.credit import CreditSampler
 from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
 from lmeval_dllm.samplers.hierarchy import HierarchySampler
 from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
+from lmeval_dllm.samplers.llada21_edit import LLaDA21EditSampler
 from lmeval_dllm.samplers.pc_sampler import PCSampler
 from lmeval_dllm.samplers.daedal import DaedalSampler
 from lmeval_dllm.samplers.proposal import Proposal
@@ -33,6 +34,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "hierarchy": HierarchySampler,  # dInfer hierarchical decoding: each masked run's best (arXiv:2510.08666)
     "credit": CreditSampler,  # dInfer credit decoding: EMA credit of top-1 tokens fused into the logits
     "prophet": ProphetSampler,  # Prophet: commit every mask once the answer's top-2 gap clears a phase threshold
+    "llada21_edit": LLaDA21EditSampler,  # LLaDA2.1: threshold commits plus token-to-token edits (arXiv:2602.08676)
 }
 
 
