@@ -182,7 +182,8 @@ def generate(
             new = torch.where(commit, out.tokens, cols)
             stamp = torch.where(commit, state.step, state.decoded_at[:, span])
             if out.overwrite is not None:  # token to token, only on columns this call decoded (never the prompt)
-                over = out.overwrite & (cols != mask_id) & (state.decoded_at[:, span] >= 0) & active[:, None]
+                over = out.overwrite & (cols != mask_id) & (out.tokens != mask_id) & \
+                    (state.decoded_at[:, span] >= 0) & active[:, None]
                 if state.fresh is not None:
                     over &= state.fresh[:, span]
                 new = torch.where(over, out.tokens, new)

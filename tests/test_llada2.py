@@ -339,8 +339,10 @@ CACHES = [None, ("block", {}), ("prefix", {}), ("dual", {"refresh_interval": 3})
 REFUSED = [("dllm", {"kp": 3, "kr": 2}, "reuses stale attention"),
            ("d2cache", {"current_k": 3, "inflate_w": 2}, "full-attention scores"),
            ("vicinity", {"prefix_look": 4, "after_look": 4}, "never attends to")]
-# One prompt longer than two blocks (full prompt blocks are prefilled); the others end inside blocks 0 and 1.
+# One prompt longer than two blocks (full prompt blocks are prefilled), one of exactly one block (no prompt tail:
+# its answer is one block shorter on the aligned canvas), the others end inside blocks 0 and 1.
 LONG = "A much longer prompt that fills more than two blocks of thirty-two tokens each, by a margin!"
+EXACT = "Thirty-two characters, exactly!!"  # a whole prompt block: its answer ends a block before LONG's
 
 
 def encode(tok, prompts):
@@ -372,8 +374,8 @@ def test_decoding_batch_equals_each_prompt_alone(ckpt, cache, strategy, kw):
 
     model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
     assert model.args.block_size == 32
-    enc, ids, mask = encode(tok, PROMPTS + [LONG])
-    assert len(enc[-1]) > 64 and len({len(e) % 32 for e in enc}) >= 3
+    enc, ids, mask = encode(tok, PROMPTS + [EXACT, LONG])
+    assert len(enc[-1]) > 64 and len(enc[-2]) == 32 and len({len(e) % 32 for e in enc}) >= 4
     batch = decode(model, tok, ids, mask, cache, strategy, **kw)
     for i, e in enumerate(enc):
         alone = decode(model, tok, torch.tensor([e]), None, cache, strategy, **kw)

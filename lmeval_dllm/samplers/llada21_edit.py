@@ -90,6 +90,9 @@ class LLaDA21EditSampler(Sampler):
     def block_continues(self, state: DecodeState, has_mask: torch.Tensor) -> torch.Tensor:
         ss = state.sampler_state
         done = ss["block_done"]
+        # A row whose answer ends before this block (a batch's shorter rows on a block-aligned canvas) has neither
+        # a mask nor a decoded column in it: nothing to edit, no pass.
+        done |= ~has_mask & ~(state.decoded_at[:, state.block] >= 0).any(-1)
         ss["post_steps"] += (~has_mask & ~done).long()  # the release counts a mask-free pass before its forward
         done |= ~has_mask & (ss["post_steps"] > self.max_post_steps)
         ss["mask_free"] = ~has_mask  # (B,) this pass starts with the block filled
