@@ -21,7 +21,8 @@ from lmeval_dllm.lm import DLLM
 from lmeval_dllm.samplers import SAMPLERS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet"]
+STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet",
+              "llada21_edit"]
 CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity"]
 NEEDS = {"pc_sampler": "debias=false"}  # its default needs a frequency table (test below); this is the closest
 ONE_TOKEN_PER_STEP = {"vanilla", "pc_sampler", "ar"}  # their defaults commit exactly one token per step

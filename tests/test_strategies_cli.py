@@ -29,6 +29,8 @@ RUNS = {
     "ar": ("llada", "num_transfer_tokens=1"),
     # only the late phase can exit: at pass 6 of the 8 planned (6 / 8 >= 0.67), every mask left at once
     "prophet": ("llada", "early_threshold=1e9,mid_threshold=1e9,late_threshold=0.0"),
+    # every mask of a block in its first pass (p > 0), then one or two editing passes (any change is an edit)
+    "llada21_edit": ("llada", "threshold=0.0,editing_threshold=0.0,max_post_steps=2"),
 }
 
 
@@ -87,6 +89,9 @@ def per_step_rule(name, stats):
     committed = [r["committed_tokens"] for r in stats]
     if name in ("pc_sampler", "ar"):  # one token per step
         assert committed == nfe
+    elif name == "llada21_edit":  # per block: the fill pass, then 1 to max_post_steps=2 mask-free passes
+        blocks = [c // BLOCK_LENGTH for c in committed]
+        assert all(c % BLOCK_LENGTH == 0 and 2 * b <= n <= 3 * b for c, b, n in zip(committed, blocks, nfe))
     else:  # several tokens in some steps
         assert all(c >= n for c, n in zip(committed, nfe)) and sum(committed) > sum(nfe)
     if name == "prophet":  # ordinary one-token passes, then the all-in pass 6 (unless a stop token came first)
