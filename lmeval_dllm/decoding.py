@@ -19,6 +19,10 @@ The rules, in order:
    :data:`DEFAULT_MAX_GEN_TOKS` when the task has none). ``block_length`` defaults to
    :data:`DEFAULT_BLOCK_LENGTH`; when it was not given and does not divide ``gen_length``, the generation is one
    block (a note). A given value that does not divide is an error naming both. 0 is a value, never "not given".
+   For a block-causal model (``block_size``: SDAR, TraDo, LLaDA2) it defaults to the model's block size and must
+   divide it, and a ``gen_length`` that is not a multiple of the block length is rounded up to one (a note);
+   strategies and caches that need full attention are errors there. A model family's ``decoding_defaults`` (the
+   release decoder's settings, e.g. LLaDA2's ``threshold=0.95``) come below the task's and the user's values.
 4. Context (when ``max_length`` is known). A given length (``gen_length``, the task's ``max_gen_toks``, DAEDAL's
    ``initial_gen_length`` / ``max_gen_length``) that leaves no room for a prompt is an error naming it. A
    *default* that depends on the model is fitted to it, with a note: DAEDAL's ``max_gen_length`` (release
@@ -38,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from lmeval_dllm.caches import CACHES, build_cache, cache_class, cache_params, check_compatible
-from lmeval_dllm.generate import GenerationConfig
+from lmeval_dllm.generate import GenerationConfig, check_block_causal
 from lmeval_dllm.params import coerce, coerce_kwargs, did_you_mean, keyword_params
 from lmeval_dllm.samplers import SAMPLERS, Proposal, Sampler, build_sampler, sampler_class, sampler_params
 
@@ -156,9 +160,11 @@ def resolve(
         user_params: the other decoding parameters of ``--model_args`` (strategy, proposal, loop and cache ones).
         task_gen_kwargs: a request's ``generation_kwargs``; None checks the user's parameters alone (start-up).
         max_length: the model's context (prompt + generation); None skips the checks and fits against it.
-        block_size: a block-causal model's block (``ModelArgs.block_size``): the default ``block_length``, and a
-            ``gen_length`` that is not a multiple of it is rounded up to one (a note; the release decodes whole
-            blocks too).
+        block_size: a block-causal model's block size (``ModelArgs.block_size``; None = bidirectional or not yet
+            known): ``block_length`` defaults to it and must divide it; a ``gen_length`` that is not a multiple of the
+            block length is rounded up to one (a note; the releases decode whole blocks too); strategies and caches
+            it cannot serve are refused (``generate.check_block_causal``; the caller checks a block-causal-only cache
+            against a bidirectional model, which this function cannot tell from "not known yet").
         family_defaults: the model family's ``{strategy: {parameter: value}}`` (``Family.decoding_defaults``),
             used below the task's and the user's values.
     Raises:
@@ -168,6 +174,7 @@ def resolve(
     chooser = sampler_class(strategy)
     check_compatible(chooser, cache_class(cache))
     notes: list[str] = []
+    default_block = DEFAULT_BLOCK_LENGTH if block_size is None else block_size
 
     # 1. Names: the cache's parameters out of the user's (a name both take goes to both), then the rest checked.
     accepted, taken = accepted_params(strategy), cache_params(cache)
@@ -200,6 +207,8 @@ def resolve(
     # 3-5. Lengths.
     config = None
     block_length = params.get("block_length")
+    if block_size is not None:
+        check_block_causal(block_size, chooser, cache_class(cache), block_length)
     if chooser.sizes_canvas:
         if task_gen_kwargs is not None:
             notes.append(f"strategy {strategy!r} chooses each answer's length: the task's "
@@ -207,7 +216,7 @@ def resolve(
         params.pop("gen_length", None)
         if max_length is not None:
             _fit_canvas_lengths(strategy, params, source, max_length, notes)
-        config = GenerationConfig(None, DEFAULT_BLOCK_LENGTH if block_length is None else block_length)
+        config = GenerationConfig(None, default_block if block_length is None else block_length)
     else:
         gen_length, what = params.get("gen_length"), "gen_length"
         if gen_length is None and task_gen_kwargs is not None:
@@ -232,8 +241,8 @@ def resolve(
                              f"{block_length or block_size}: gen_length={rounded} (whole blocks)")
                 gen_length = rounded
             if block_length is None and block_size is not None:
-                block_length = block_size
-            if block_length is None:
+                block_length = block_size  # the model's block
+            elif block_length is None:
                 block_length = DEFAULT_BLOCK_LENGTH
                 if gen_length % DEFAULT_BLOCK_LENGTH:
                     block_length = gen_length

@@ -5,6 +5,9 @@
 1. Build the canvas ``x = [prompt ; [MASK] * gen_length]`` (B, T), the key-padding mask and RoPE positions
    derived from it (padding consumes no position, so a padded prompt sees exactly what it sees alone). A
    sampler that chooses the length itself (``sizes_canvas``, DAEDAL) starts from its ``initial_gen_length``.
+   A block-causal model (``model.block_size``: SDAR) gets the release's block-aligned canvas instead
+   (:func:`block_aligned_canvas`): every row's blocks are canvas blocks, the first decoded block starts with each
+   row's prompt tail, and each row's answer starts after its own tail (the outputs are per row, left-aligned).
 2. For each block of ``block_length`` columns, while blocks remain (semi-autoregressive decoding; one block =
    pure diffusion):
    a. a row is *active* if it is not finished and its block still has masks (``Sampler.block_continues``: an
@@ -48,13 +51,17 @@ __all__ = ["GenerationConfig", "GenerationOutput", "finished_rows", "first_stop"
 
 @dataclass
 class GenerationOutput:
-    tokens: torch.Tensor  # (B, G) long: generation region ([MASK] where a finished row stopped early)
+    # (B, G) long: generation region ([MASK] where a finished row stopped early). A block-causal model: each row's
+    # answer columns, left-aligned (its first gen_lengths[b]; [MASK] after them)
+    tokens: torch.Tensor
     nfe: torch.Tensor  # (B,) long: forward passes in which the row was active
     committed: torch.Tensor  # (B,) long: positions committed (re-masked ones count again when re-committed)
     answer_length: torch.Tensor  # (B,) long: index of the first stop token, or the row's length if none
     decoded_at: torch.Tensor  # (B, G) long: forward pass (0-based) that committed each position, -1 if none
     steps: int  # forward passes made for the whole batch
-    gen_lengths: torch.Tensor  # (B,) long: each row's generation length (G unless the sampler resized rows)
+    # (B,) long: each row's generation length (G unless the sampler resized rows; a block-causal model's canvas
+    # gives a row whose prompt ends inside a block G + block - (L mod block), as the release)
+    gen_lengths: torch.Tensor
 
 
 def first_stop(gen: torch.Tensor, stop_token_ids: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,7 @@ def generate(
     sampler.validate_lengths(config.gen_length, config.block_length)
     cache = cache if cache is not None else Cache()
     check_compatible(sampler, cache)
-    check_block_causal(model.args.block_size, sampler, cache, config.block_length)
+    check_block_causal(model.block_size, sampler, cache, config.block_length)
     device = model.device
     B, P = prompt_ids.shape
     G = sampler.initial_gen_length if sampler.sizes_canvas else config.gen_length
@@ -114,10 +121,11 @@ def generate(
     prompt_ids = prompt_ids.to(device)
     stop_token_ids = stop_token_ids.to(device)
     answer_start = answer_width = None
-    if model.args.block_size is not None:
-        fill = int(stop_token_ids[0]) if stop_token_ids.numel() else model.args.pad_token_id
+    if model.block_size is not None:
+        # what fills the columns outside a row (hidden from attention; embedded, so a real token id)
+        fill = next((t for t in (model.args.pad_token_id, model.args.eos_token_id) if isinstance(t, int)), 0)
         x, attention_mask, position_ids, P, answer_start, answer_width = block_aligned_canvas(
-            prompt_ids, prompt_mask, G, model.args.block_size, mask_id, fill)
+            prompt_ids, prompt_mask, G, model.block_size, mask_id, fill)
     else:
         x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
         attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)
@@ -231,7 +239,8 @@ def generate(
 def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sampler], cache: Cache | type[Cache],
                        block_length: Optional[int]) -> None:
     """Raise ValueError, before any model work, for a setting a block-causal model (``ModelArgs.block_size``)
-    cannot decode: a block length other than the trained block size (the attention's blocks are the model's),
+    cannot decode: a block length that does not divide the trained block size (the attention's blocks are the
+    model's; a smaller decode block is a sub-block of one, as Fast-dLLM v2 decodes),
     a strategy that reads logits past the current block, grows the canvas or runs extra rows, and a cache built
     on full attention (``Cache.block_causal``)."""
     if block_size is None:
@@ -240,12 +249,11 @@ def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sample
                              f"({block_causal_families()}); "
                              f"this model attends bidirectionally: use cache=none, prefix, dual, ...")
         return
-    if block_length is not None and block_length != block_size:
+    if block_length is not None and (block_length > block_size or block_size % block_length):
         raise ValueError(
-            f"block_length={block_length} differs from the model's block size {block_size}: "
-            f"a block-diffusion model attends block-causally over blocks of {block_size}, and the decode blocks must "
-            f"be those blocks; give block_length={block_size} or leave it out (use a checkpoint trained with another "
-            f"block size, e.g. an SDAR -b8 ... -b64 variant, for other blocks)"
+            f"block_length={block_length} does not divide the model's block size {block_size}: a block-diffusion "
+            f"model attends block-causally over blocks of {block_size}, and a decode block must lie inside one of them; give block_length={block_size} (the default) or a divisor of it "
+            f"(use a checkpoint trained with larger blocks, e.g. an SDAR -b8 ... -b64 variant, for larger ones)"
         )
     why = None
     if sampler.logits_span != "block":
@@ -297,8 +305,8 @@ def block_aligned_canvas(prompt_ids: torch.Tensor, prompt_mask: Optional[torch.T
 
 
 def answer_columns(gen: torch.Tensor, start: torch.Tensor, width: torch.Tensor, *, fill: int) -> torch.Tensor:
-    """gen (B, W), start (B,), width (B,) -> (B, max width): row i's columns ``[start_i, start_i + width_i)``
-    left-aligned, ``fill`` after them."""
+    """gen (B, W), start (B,), width (B,) -> (B, W): row i's columns ``[start_i, start_i + width_i)``
+    left-aligned, ``fill`` after them (the width stays W: no host read)."""
     W = int(gen.shape[1])
     col = torch.arange(W, device=gen.device)[None, :]
     src = (start[:, None] + col).clamp(max=W - 1)

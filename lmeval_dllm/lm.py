@@ -37,14 +37,15 @@ from lm_eval.models.utils import Collator, handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from lmeval_dllm.caches import build_cache
+from lmeval_dllm.caches import build_cache, cache_class
 from lmeval_dllm.decoding import (  # noqa: F401 - re-exported: lm.py was their home
     DEFAULT_BLOCK_LENGTH, DEFAULT_MAX_GEN_TOKS, LOOP_PARAMS, MAX_TOKENS_KEYS, PROPOSAL_PARAMS, accepted_params,
     resolve, split_gen_kwargs,
 )
-from lmeval_dllm.generate import GenerationConfig, generate
+from lmeval_dllm.generate import GenerationConfig, check_block_causal, generate
 from lmeval_dllm.likelihood import MonteCarloLikelihood, estimate, greedy_matches
 from lmeval_dllm.params import coerce
+from lmeval_dllm.samplers import sampler_class
 from lmeval_dllm.stats import RequestStats, StatsLog, StatsReporting
 
 # A child of lm-eval's logger, so our INFO lines (the decoding statistics) print with lm-eval's own.
@@ -179,10 +180,18 @@ class DLLM(StatsReporting, TemplateLM):
         if _launched_world_size() > 1:
             self._device = self._setup_processes(device)
         self.max_length = self.max_length_arg or self.model_args.max_position
+        self.block_size = self.model_args.block_size  # None: bidirectional; else block diffusion (SDAR, TraDo)
+        check_block_causal(self.block_size, sampler_class(strategy), cache_class(self.cache_name), None)
+        if self.block_size is not None and cache is None:  # its exact KV cache, unless cache= says otherwise
+            self.cache_name = "block"
+            self.cache = build_cache("block", cuda_graphs=self.cuda_graphs)
+            self._note([f"cache=block: the exact KV cache of finished blocks, the default for the block-causal "
+                        f"{self.family.name!r} model (block size {self.block_size}); cache=none runs the whole canvas"])
         # Lengths against the model's context, before the weights are read: a given length that cannot fit is
-        # an error, a default that does not fit is fitted (a logged note).
+        # an error, a default that does not fit is fitted (a logged note). A block-causal model's block size and
+        # the strategies / caches it cannot use are checked here too.
         self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length,
-                           block_size=self.model_args.block_size, family_defaults=self.family.decoding_defaults).notes)
+                           block_size=self.block_size, family_defaults=self.family.decoding_defaults).notes)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
@@ -202,7 +211,7 @@ class DLLM(StatsReporting, TemplateLM):
         """One request group's settings (``lmeval_dllm.decoding.resolve``: --model_args > task gen kwargs >
         defaults), its sampler bound to this tokenizer's EOS / end-of-turn ids, and its stop strings."""
         decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length,
-                           block_size=self.model_args.block_size, family_defaults=self.family.decoding_defaults)
+                           block_size=self.block_size, family_defaults=self.family.decoding_defaults)
         self._note(decoding.notes)
         sampler = decoding.sampler
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())

@@ -53,7 +53,9 @@ class GenerationConfig:
 class DecodeState:
     """The canvas and bookkeeping of one ``generate`` call (one batch of prompts).
 
-    Prompts are left-padded, so every row's generation region starts at the same column ``prompt_len``.
+    Prompts are left-padded, so every row's generation region starts at the same column ``prompt_len``. For a
+    block-causal model that column starts the first decoded block, which holds each row's prompt tail before its
+    masks (``answer_start``).
     """
 
     x: torch.Tensor  # (B, T) long: prompt (left-padded) + generation region, [MASK] where undecided

@@ -41,6 +41,7 @@ class ScriptedModel:
         self.targets = torch.as_tensor(targets, dtype=torch.long)  # (B, G)
         self.scores = torch.as_tensor(scores, dtype=torch.float32)  # (B, G)
         self.vocab, self.mask_token_id, self.logit_shift = vocab, mask_token_id, logit_shift
+        self.block_size = None  # bidirectional (DiffusionLM.block_size)
         self.on_canvas = on_canvas
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.calls = 0

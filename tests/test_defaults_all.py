@@ -23,7 +23,10 @@ from lmeval_dllm.samplers import SAMPLERS
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet",
               "llada21_edit"]
-CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity"]
+CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block"]
+# Caches for block-causal models only (SDAR, TraDo, LLaDA2): refused on the bundled LLaDA (test below); their
+# every-strategy runs are in tests/test_sdar.py.
+BLOCK_CAUSAL_ONLY = ["block"]
 NEEDS = {"pc_sampler": "debias=false"}  # its default needs a frequency table (test below); this is the closest
 ONE_TOKEN_PER_STEP = {"vanilla", "pc_sampler", "ar"}  # their defaults commit exactly one token per step
 
@@ -36,14 +39,27 @@ def allowed(strategy, cache):
         return False
 
 
-PAIRS = [(s, c) for s in STRATEGIES for c in CACHE_NAMES if allowed(s, c)]
+PAIRS = [(s, c) for s in STRATEGIES for c in CACHE_NAMES if allowed(s, c) and c not in BLOCK_CAUSAL_ONLY]
 REFUSED = [(s, c) for s in STRATEGIES for c in CACHE_NAMES if not allowed(s, c)]
 
 
 def test_the_lists_are_the_registries():
     assert set(STRATEGIES) == set(SAMPLERS) and set(CACHE_NAMES) == {"none", *CACHES}
-    assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("daedal", "dllm"), ("daedal", "d2cache"),
-                       ("daedal", "vicinity")]
+    assert BLOCK_CAUSAL_ONLY == [c for c in CACHE_NAMES if cache_class(None if c == "none" else c).needs_block_causal]
+    assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "block"), ("daedal", "dllm"),
+                       ("daedal", "d2cache"), ("daedal", "vicinity"), ("daedal", "block")]
+
+
+@pytest.mark.parametrize("cache", BLOCK_CAUSAL_ONLY)
+def test_a_block_causal_cache_is_refused_on_the_bundled_model_before_its_weights(cache, monkeypatch):
+    import lmeval_dllm.models
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(lmeval_dllm.models, "load_model", no_weights)
+    with pytest.raises(ValueError, match=rf"^cache={cache!r} serves block-causal \(block-diffusion\) models only"):
+        DLLM(pretrained="tiny-llada", cache=cache)
 
 
 @pytest.fixture(scope="module")

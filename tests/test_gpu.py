@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmeval_dllm.caches import Cache, build_cache, check_compatible
-from lmeval_dllm.generate import GenerationConfig, generate
+from lmeval_dllm.generate import GenerationConfig, check_block_causal, generate
 from lmeval_dllm.models import DiffusionLM, ModelArgs, MoEArgs
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class
 
@@ -42,6 +42,11 @@ SHAPES = {
                                norm_topk_prob=True, layers=(False, True), score_function="sigmoid",
                                expert_bias=True, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                                norm_topk_eps=1e-20, weights_fp32=True, router_fp32=True)),
+    # block diffusion (SDAR): block-causal attention over blocks of 8, q/k norm, head_dim 32 != 64 / 4
+    "sdar": dict(family="sdar", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128, vocab_size=512,
+                 rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False, tie_embeddings=False,
+                 max_position=4096, mask_token_id=500, eos_token_id=501, pad_token_id=501, logit_shift=0,
+                 qk_norm=True, block_size=8, head_dim_override=32),
 }
 # Strategies checked with every cache they can use (lengths 32 / 8; DAEDAL from 8, at most 32).
 STRATEGIES = {
@@ -60,7 +65,8 @@ STRATEGIES = {
 CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
           ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1}),
-          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1})]
+          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1}),
+          ("block", {})]
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
@@ -101,7 +107,7 @@ def decode(model, strategy, cache, batch):
     return out.tokens.cpu(), seen
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar"])
 def test_fused_kernels_match_the_plain_ops(family):
     first, _ = batches(random_model(family))
     fused, fused_logits = decode(random_model(family), "vanilla", Cache(cuda_graphs=False), first)
@@ -110,7 +116,7 @@ def test_fused_kernels_match_the_plain_ops(family):
     assert max((a - b).abs().max().item() for a, b in zip(fused_logits, plain_logits)) <= 1e-3
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
     """With CUDA graphs, every cache gives the logits and tokens it gives eagerly, also when one cache object
@@ -118,10 +124,15 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
     tokens of no cache."""
     model = random_model(family)
     first, second = batches(model)
+    try:
+        check_block_causal(model.args.block_size, sampler_class(strategy), Cache, 8)
+    except ValueError:
+        pytest.skip("a strategy a block-causal model refuses (tested on the CPU)")
     reference, _ = decode(model, strategy, Cache(cuda_graphs=False), first)
     for name, kw in CACHES:
         try:
             check_compatible(sampler_class(strategy), build_cache(name, **kw))
+            check_block_causal(model.args.block_size, sampler_class(strategy), build_cache(name, **kw), 8)
         except ValueError:
             continue  # refused up front (tested on the CPU)
         eager, eager_logits = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), first)
@@ -133,7 +144,7 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
         eager2, _ = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), second)
         assert torch.equal(decode(model, strategy, cache, second)[0], eager2), (name, kw)
         assert torch.equal(decode(model, strategy, cache, first)[0], graphed), (name, kw)
-        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name == "none":
+        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name in ("none", "block"):
             assert torch.equal(eager, reference), (name, kw)
 
 

@@ -399,8 +399,8 @@ def test_block_length_other_than_the_block_is_refused(ckpt):
 
     model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
     sampler = build_sampler("vanilla", Proposal.from_params().bind(tok.eos_token_id, None))
-    with pytest.raises(ValueError, match="block_length=8 differs from the model's block size 32"):
-        generate(model, torch.tensor([[5, 6]]), None, sampler, GenerationConfig(16, 8),
+    with pytest.raises(ValueError, match="block_length=12 does not divide the model.s block size 32"):
+        generate(model, torch.tensor([[5, 6]]), None, sampler, GenerationConfig(24, 12),
                  stop_token_ids=torch.tensor([tok.eos_token_id]))
 
 

@@ -91,6 +91,7 @@ class EditScript:
     def __init__(self, plan, vocab=10):
         self.plan, self.vocab = plan, vocab
         self.args = SimpleNamespace(block_size=None, pad_token_id=0)
+        self.block_size = None  # bidirectional (DiffusionLM.block_size)
         self.device, self.dtype, self.mask_token_id, self.logit_shift = torch.device("cpu"), torch.float32, MASK, 0
         self.calls = 0
 

@@ -132,7 +132,9 @@ def test_unsupported_model_type_lists_supported(llada_dir, tmp_path):
         "LLaDAMoEModel: inclusionAI/LLaDA-MoE-7B-A1B-Base, inclusionAI/LLaDA-MoE-7B-A1B-Instruct, "
         "inclusionAI/LLaDA-MoE-7B-A1B-Instruct-TD); llada2 (model_type 'llada2_moe', architectures "
         "LLaDA2MoeModelLM, LLaDA2MoeModel: inclusionAI/LLaDA2.0-mini, inclusionAI/LLaDA2.0-mini-preview, "
-        "inclusionAI/LLaDA2.1-mini)")
+        "inclusionAI/LLaDA2.1-mini); sdar (model_type 'sdar', architectures SDARForCausalLM, SDARModel: "
+        "JetLM/SDAR-1.7B-Chat, JetLM/SDAR-4B-Chat, JetLM/SDAR-8B-Chat (and their -b8/-b16/-b32/-b64 block variants), "
+        "Gen-Verse/TraDo-4B-Instruct, Gen-Verse/TraDo-8B-Instruct, Gen-Verse/TraDo-8B-Thinking)")
 
 
 def test_same_model_type_other_architecture_is_not_loaded_as_the_dense_family(llada_dir, tmp_path):

@@ -10,9 +10,13 @@ over it with ``store_kv=True`` to write its final K/V.
 Here that extra pass is folded into the next block's first step: that step runs the finished block's rows
 together with the new block's (the finished block attends only to itself and to the blocks before it, so its K/V
 are exactly those of the release's extra pass), and the first step of all runs the full prompt blocks together
-with the first decoded block (the prefill). Every step is one forward pass (one NFE) of ``block_length`` rows, or
-``2 * block_length`` at a block's first step, ``P + block_length`` at the very first; the release makes the same
+with the first decoded block (the prefill). Every step is one forward pass (one NFE) of ``block_size`` rows, or
+``2 * block_size`` at a block's first step, ``P + block_size`` at the very first; the release makes the same
 computation in one more pass per block (its NFE count is ours plus one per decoded block, plus the prefill).
+
+A ``block_length`` that divides the model's block size decodes sub-blocks of an attention block (Fast-dLLM v2's
+scheme): each step then reruns the whole attention block (its later sub-blocks' masks are attended to by the
+current one), and the K/V become final when the decode loop enters the next attention block.
 
 No approximation: ``cache=block`` gives the tokens of ``cache=none`` (the whole canvas every step, under the same
 block-causal mask; ``tests/caches/test_caches_block.py``).
@@ -33,7 +37,8 @@ NOT_SERVED = "the block cache keeps one row of K/V per canvas column"
 
 class BlockCache(Cache):
     """K/V of every finished block, written once; each step runs the current block (and, at its first step,
-    the block before it, now final) against them.
+    the block before it, now final) against them. Blocks are the model's (``model.block_size``); a smaller
+    ``block_length`` decodes sub-blocks of them.
 
     Args:
         cuda_graphs: replay steps as CUDA graphs (an engine option, not the method's): three shapes per canvas
@@ -55,7 +60,7 @@ class BlockCache(Cache):
         self._final = 0  # canvas columns [0, _final) hold final K/V
 
     def setup(self, model: DiffusionLM, state: DecodeState) -> None:
-        if model.args.block_size is None:
+        if model.block_size is None:
             raise ValueError(f"cache='block' needs a block-causal model (ModelArgs.block_size; "
                              f"{block_causal_families()}); the {model.args.family!r} model attends bidirectionally")
         a = model.args
@@ -73,13 +78,14 @@ class BlockCache(Cache):
                 extra: Optional[ExtraRows] = None) -> StepLogits:
         if extra is not None:
             raise ValueError(f"cache='block' cannot run extra rows: {NOT_SERVED}")
-        block = state.block
-        # Rows run: the current block, from the first column whose K/V is not yet final at a block's first step.
-        q0 = self._final if state.step_in_block == 0 else block.start
-        q1 = block.stop
+        block, bs = state.block, model.block_size
+        B, T = state.x.shape
+        # Rows run: from the first column whose K/V is not final to the end of the attention block holding the
+        # decode block (a decode block smaller than the model's block is a sub-block: the rest of its attention
+        # block, masks included, shapes its logits and is rerun with it).
+        q0, q1 = self._final, min(-(-block.stop // bs) * bs, T)
         rows = target_rows(model, targets, q0, q1)
         device = state.x.device
-        B, T = state.x.shape
         write = torch.arange(q0, q1, device=device)  # (Q,) the key slot (= canvas column) of each row run
         index = torch.arange(rows.start, rows.stop, device=device)
         mask = () if state.attention_mask is None else (state.attention_mask,)
@@ -89,8 +95,8 @@ class BlockCache(Cache):
 
         key = ("block", B, T, q1 - q0, index.numel(), len(mask))
         logits = self.graphs.run(key, run, state.x[:, q0:q1], state.position_ids[:, q0:q1], write, index, *mask)
-        if state.step_in_block == 0:
-            self._final = block.start  # every block left of this one is decoded: its K/V were just written
+        # every attention block left of this one is decoded, and its K/V were just written from its final tokens
+        self._final = block.start // bs * bs
         return StepLogits(logits)
 
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,

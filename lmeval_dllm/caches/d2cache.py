@@ -125,7 +125,10 @@ class D2Cache(PositionStoreCache):
     """
 
     name = "d2cache"
-    block_causal = "its row selection reads full-attention scores (attention rollout over every column), which a block-causal model does not have"
+    block_causal = (
+        "its row selection reads full-attention scores (attention rollout over every column), which a "
+        "block-causal model does not have"
+    )
     lacks = {
         "extra_rows": "d2cache chooses its own query rows among canvas positions and cannot add rows outside it",
         "resize": "d2cache's K/V, confidence and importance records are stored by canvas position",

@@ -57,7 +57,10 @@ class DLLMCache(PositionStoreCache):
     """
 
     name = "dllm"
-    block_causal = "it reuses stale attention and FFN outputs chosen for full (bidirectional) attention; a block-diffusion model's finished blocks are already exact"
+    block_causal = (
+        "it reuses stale attention and FFN outputs chosen for full (bidirectional) attention; a "
+        "block-diffusion model's finished blocks are already exact"
+    )
     lacks = {
         "extra_rows": "the dllm cache keeps per-position features of canvas rows only",
         "resize": "the dllm cache's features are stored by canvas position and would all have to be rebuilt",

@@ -57,7 +57,9 @@ class VicinityCache(PrefixCache):
     """
 
     name = "vicinity"
-    block_causal = "it refreshes a window right of the block that a block-causal model never attends to"
+    block_causal = (
+        "it refreshes a window right of the block that a block-causal model never attends to"
+    )
     lacks = {"resize": "vicinity counts each row's warm-up and refreshes by canvas position, which an insertion "
                        "shifts"}
     block_dependent_shapes = False  # the window has one length except where the canvas clips it

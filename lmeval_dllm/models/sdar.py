@@ -1,8 +1,8 @@
 """SDAR family (JetLM/SDAR-1.7B-Chat, -4B-Chat, -8B-Chat and the -b8 ... -b64 block variants) and TraDo
-(Gen-Verse/TraDo-4B-Instruct, -8B-Instruct, trained from SDAR in its layout): HF ``model_type`` "sdar",
+(Gen-Verse/TraDo-4B-Instruct, -8B-Instruct, -8B-Thinking, trained from SDAR in its layout): HF ``model_type`` "sdar",
 architecture ``SDARForCausalLM``.
 
-SDAR (Cheng et al., "SDAR: A Synergistic Diffusion-AutoRegression Paradigm for Scalable Sequence Generation",
+SDAR ("SDAR: A Synergistic Diffusion-AutoRegression Paradigm for Scalable Sequence Generation",
 arXiv:2510.06303) turns a Qwen3 checkpoint into a *block diffusion* model: attention is bidirectional inside a
 block of ``block_size`` positions and causal across blocks, so the K/V of finished blocks is exact and is kept
 (``cache=block``). TraDo (Wang et al., arXiv:2509.06949; Gen-Verse/dLLM-RL) is SDAR further trained with RL.
@@ -130,7 +130,8 @@ def tiny_config(ids: dict[str, int], *, hidden_size=64, num_hidden_layers=2, num
 FAMILY = Family(
     name="sdar",
     checkpoints="JetLM/SDAR-1.7B-Chat, JetLM/SDAR-4B-Chat, JetLM/SDAR-8B-Chat (and their -b8/-b16/-b32/-b64 "
-                "block variants), Gen-Verse/TraDo-4B-Instruct, Gen-Verse/TraDo-8B-Instruct",
+                "block variants), Gen-Verse/TraDo-4B-Instruct, Gen-Verse/TraDo-8B-Instruct, "
+                "Gen-Verse/TraDo-8B-Thinking",
     model_types=("sdar",),
     architectures=("SDARForCausalLM", "SDARModel"),
     parse_config=parse_config,

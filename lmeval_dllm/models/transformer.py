@@ -464,6 +464,11 @@ class DiffusionLM(nn.Module):
         return self.args.mask_token_id
 
     @property
+    def block_size(self) -> Optional[int]:
+        """None: bidirectional attention; an int: block-causal over blocks of that size (block diffusion)."""
+        return self.args.block_size
+
+    @property
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
 
