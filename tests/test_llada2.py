@@ -4,8 +4,9 @@ scores, partial RoPE on a hand-built vector, the tiny checkpoint in the release'
 loader with logits equal to a reference written here from the official tensors (per token, per expert), and
 block-causal decoding (blocks of 32) with a batch equal to each prompt alone and exact caches equal to none.
 
-The logits were also compared with the release's own ``modeling_llada2_moe.py`` in a scratch environment (never
-committed): docs/models.md has the figures."""
+The logits were also compared with the release's own ``modeling_llada2_moe.py``, and greedy decoding with its
+``generate`` (LLaDA2.0: strategy=vanilla, threshold; LLaDA2.1: strategy=llada21_edit), in a scratch environment
+(never committed): docs/models.md and docs/strategies.md have the figures."""
 
 from __future__ import annotations
 
