@@ -251,8 +251,9 @@ def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sample
         return
     if block_length is not None and (block_length > block_size or block_size % block_length):
         raise ValueError(
-            f"block_length={block_length} does not divide the model's block size {block_size}: a block-diffusion "
-            f"model attends block-causally over blocks of {block_size}, and a decode block must lie inside one of them; give block_length={block_size} (the default) or a divisor of it "
+            f"block_length={block_length} does not divide the model's block size {block_size} (config.json "
+            f"block_size): a block-diffusion model attends block-causally over blocks of {block_size}, and a decode "
+            f"block must lie inside one of them; give block_length={block_size} (the default) or a divisor of it "
             f"(use a checkpoint trained with larger blocks, e.g. an SDAR -b8 ... -b64 variant, for larger ones)"
         )
     why = None
