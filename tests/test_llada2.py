@@ -436,3 +436,24 @@ def test_exact_caches_equal_no_cache(ckpt, cache, strategy, kw):
     _, ids, _ = encode(tok, [LONG])
     plain, cached = (decode(model, tok, ids, None, c, strategy, gen_length=64, **kw) for c in (None, cache))
     assert cached.tokens.tolist() == plain.tokens.tolist() and cached.nfe.tolist() == plain.nfe.tolist()
+
+
+def test_release_decoder_settings_are_the_family_defaults():
+    """LLaDA2.0's generate (threshold 0.95, blocks of 32) when neither --model_args nor the task says otherwise; a
+    gen_length that is not a multiple of the block is rounded up to whole blocks (notes say both)."""
+    from lmeval_dllm.decoding import resolve
+    from lmeval_dllm.models import FAMILIES
+
+    defaults = FAMILIES["llada2"].decoding_defaults
+    assert defaults == {"vanilla": {"threshold": 0.95}}
+    d = resolve("vanilla", "block", {}, {"max_gen_toks": 40}, block_size=32, family_defaults=defaults)
+    assert (d.config.gen_length, d.config.block_length, d.sampler.threshold) == (64, 32, 0.95)
+    assert d.notes == ("strategy 'vanilla' on this model family: threshold=0.95 (the release's default)",
+                       "gen_length=40 is not a multiple of the block-causal model's block 32: gen_length=64 "
+                       "(whole blocks)")
+    assert resolve("vanilla", None, {"threshold": 0.5}, {"max_gen_toks": 32}, block_size=32,
+                   family_defaults=defaults).sampler.threshold == 0.5  # the user's value wins
+    assert resolve("vanilla", None, {}, {"threshold": 0.7, "max_gen_toks": 32}, block_size=32,
+                   family_defaults=defaults).sampler.threshold == 0.7  # and the task's
+    edit = resolve("llada21_edit", None, {}, {"max_gen_toks": 32}, block_size=32, family_defaults=defaults)
+    assert edit.sampler.threshold == 0.95 and edit.notes == ()  # its own release defaults, nothing to note
