@@ -19,8 +19,10 @@ The rules, in order:
    :data:`DEFAULT_MAX_GEN_TOKS` when the task has none). ``block_length`` defaults to
    :data:`DEFAULT_BLOCK_LENGTH`; when it was not given and does not divide ``gen_length``, the generation is one
    block (a note). A given value that does not divide is an error naming both. 0 is a value, never "not given".
-   For a block-causal model (``block_size``: SDAR, TraDo) it defaults to the model's block size and must divide
-   it; strategies and caches that need full attention are errors there.
+   For a block-causal model (``block_size``: SDAR, TraDo, LLaDA2) it defaults to the model's block size and must
+   divide it, and a ``gen_length`` that is not a multiple of the block length is rounded up to one (a note);
+   strategies and caches that need full attention are errors there. A model family's ``decoding_defaults`` (the
+   release decoder's settings, e.g. LLaDA2's ``threshold=0.95``) come below the task's and the user's values.
 4. Context (when ``max_length`` is known). A given length (``gen_length``, the task's ``max_gen_toks``, DAEDAL's
    ``initial_gen_length`` / ``max_gen_length``) that leaves no room for a prompt is an error naming it. A
    *default* that depends on the model is fitted to it, with a note: DAEDAL's ``max_gen_length`` (release
@@ -149,6 +151,7 @@ def resolve(
     *,
     max_length: Optional[int] = None,
     block_size: Optional[int] = None,
+    family_defaults: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Decoding:
     """The settings one group of requests runs with (the rules: this module's docstring).
 
@@ -158,9 +161,12 @@ def resolve(
         task_gen_kwargs: a request's ``generation_kwargs``; None checks the user's parameters alone (start-up).
         max_length: the model's context (prompt + generation); None skips the checks and fits against it.
         block_size: a block-causal model's block size (``ModelArgs.block_size``; None = bidirectional or not yet
-            known): ``block_length`` defaults to it and must divide it; strategies and caches it cannot serve are
-            refused (``generate.check_block_causal``; the caller checks a block-causal-only cache against a
-            bidirectional model, which this function cannot tell from "not known yet").
+            known): ``block_length`` defaults to it and must divide it; a ``gen_length`` that is not a multiple of the
+            block length is rounded up to one (a note; the releases decode whole blocks too); strategies and caches
+            it cannot serve are refused (``generate.check_block_causal``; the caller checks a block-causal-only cache
+            against a bidirectional model, which this function cannot tell from "not known yet").
+        family_defaults: the model family's ``{strategy: {parameter: value}}`` (``Family.decoding_defaults``),
+            used below the task's and the user's values.
     Raises:
         ValueError: naming the parameter, its value and what is allowed.
     """
@@ -188,7 +194,12 @@ def resolve(
     if task_gen_kwargs is not None:
         kwargs, until, max_gen_toks, budget_key = _split(task_gen_kwargs)
         task = _check_names(strategy, cache, kwargs, source=TASK_KWARGS)
-    params = {**task, **user}
+    family = dict((family_defaults or {}).get(strategy, {}))
+    params = {**family, **task, **user}
+    for name in family:
+        if name not in task and name not in user:
+            notes.append(f"strategy {strategy!r} on this model family: {name}={family[name]} (the release's "
+                         f"default)")
 
     def source(name: str) -> str:
         return MODEL_ARGS if name in user else TASK_KWARGS
@@ -224,8 +235,13 @@ def resolve(
                     f"{max_length}; pass gen_length=<at most {max_length - 1}> in --model_args, or a larger "
                     f"max_length"
                 )
+            if block_size is not None and gen_length % (block_length or block_size):
+                rounded = -(-gen_length // (block_length or block_size)) * (block_length or block_size)
+                notes.append(f"gen_length={gen_length} is not a multiple of the block-causal model's block "
+                             f"{block_length or block_size}: gen_length={rounded} (whole blocks)")
+                gen_length = rounded
             if block_length is None and block_size is not None:
-                block_length = block_size  # the model's block (a gen_length it does not divide is an error)
+                block_length = block_size  # the model's block
             elif block_length is None:
                 block_length = DEFAULT_BLOCK_LENGTH
                 if gen_length % DEFAULT_BLOCK_LENGTH:

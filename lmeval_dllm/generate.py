@@ -10,9 +10,12 @@
    row's prompt tail, and each row's answer starts after its own tail (the outputs are per row, left-aligned).
 2. For each block of ``block_length`` columns, while blocks remain (semi-autoregressive decoding; one block =
    pure diffusion):
-   a. a row is *active* if it is not finished and its block still has masks;
+   a. a row is *active* if it is not finished and its block still has masks (``Sampler.block_continues``: an
+      editing sampler may keep a mask-free block for more passes);
    b. the cache returns the logits of the span the sampler looks at (the block, or the whole generation);
-   c. the sampler decides which masked positions to commit (and, if it can, which to re-mask);
+   c. the sampler decides which masked positions to commit (and, if it can, which to re-mask, or which
+      decoded positions of the block to revise to another token: ``StepOutput.revise``, LLaDA2.1; positions set
+      outright, masked or decoded, are ``StepOutput.overwrite``, d3LLM's EOS fill);
    d. the decision is applied to active rows only; every active row counts one forward pass (NFE);
    e. a sampler may return a structural edit of the canvas with its decision (``StepOutput.edit``, a
       :class:`~lmeval_dllm.state.CanvasEdit`: DAEDAL grows rows and inserts masks); the loop applies it. Rows then
@@ -42,7 +45,7 @@ from typing import Callable, Optional
 import torch
 
 from lmeval_dllm.caches.base import Cache, check_compatible
-from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.models import DiffusionLM, block_causal_families
 from lmeval_dllm.samplers.base import Sampler
 from lmeval_dllm.state import DecodeState, GenerationConfig
 
@@ -160,6 +163,7 @@ def generate(
     state.block_length = config.block_length
     # A multi-block sampler (d3LLM) schedules its own blocks: the loop's one block is the whole region.
     Lb, b = (G if sampler.multi_block else config.block_length), 0
+    revises = sampler.can_remask or sampler.can_edit
     while P + b * Lb < state.x.shape[1]:  # a block remains (a resizing sampler may widen the canvas)
         start = P + b * Lb
         state.block = slice(start, min(start + Lb, state.x.shape[1]))
@@ -168,7 +172,7 @@ def generate(
         cache.begin_block(state)
         budget = sampler.step_budget(Lb)
         while True:
-            active = ~finished & (state.x[:, state.block] == mask_id).any(-1)
+            active = ~finished & sampler.block_continues(state, (state.x[:, state.block] == mask_id).any(-1))
             if not bool(active.any()):
                 break
             if state.step_in_block >= budget:
@@ -197,6 +201,12 @@ def generate(
                 commit &= ~overwrite
             new = torch.where(commit, out.tokens, cols)
             stamp = torch.where(commit, state.step, state.decoded_at[:, span])
+            if out.revise is not None:  # token to token, only on columns this call decoded (never the prompt)
+                over = out.revise & (cols != mask_id) & (out.tokens != mask_id) & \
+                    (state.decoded_at[:, span] >= 0) & active[:, None]
+                if state.fresh is not None:
+                    over &= state.fresh[:, span]
+                new = torch.where(over, out.tokens, new)
             if out.remask is not None:
                 remask = out.remask & (cols != mask_id) & active[:, None] & ~commit
                 if overwrite is not None:
@@ -219,9 +229,9 @@ def generate(
                 state.apply(out.edit)
                 state.block = slice(start, min(start + Lb, state.x.shape[1]))
             cache.end_step(state, out)
-            if not sampler.can_remask:  # a revokable sampler may still change tokens before EOS
+            if not revises:  # a revokable or editing sampler may still change tokens before EOS
                 finished |= finished_rows(answers(state.x), state.stop_token_ids, mask_id)
-        if sampler.can_remask:
+        if revises:
             finished |= finished_rows(answers(state.x), state.stop_token_ids, mask_id)
         if block_done is not None:
             finished |= block_done(answers(state.x), finished)
@@ -252,7 +262,8 @@ def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sample
     on full attention (``Cache.block_causal``)."""
     if block_size is None:
         if cache.needs_block_causal:
-            raise ValueError(f"cache={cache.name!r} serves block-causal (block-diffusion) models only (SDAR, TraDo); "
+            raise ValueError(f"cache={cache.name!r} serves block-causal (block-diffusion) models only "
+                             f"({block_causal_families()}); "
                              f"this model attends bidirectionally: use cache=none, prefix, dual, ...")
         return
     if block_length is not None and (block_length > block_size or block_size % block_length):

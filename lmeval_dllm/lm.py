@@ -174,6 +174,9 @@ class DLLM(StatsReporting, TemplateLM):
         config = read_config(directory)
         self.family = family_for(config, f"{directory}/config.json")  # the registered family (models/family.py)
         self.model_args = self.family.parse_config(config)
+        if self.family.generation_unsupported is not None and self.family.likelihood is None:  # nothing could run
+            raise ValueError(f"model family {self.family.name!r} ({self.pretrained}) cannot be evaluated by "
+                             f"--model dllm yet: {self.family.generation_unsupported}")
         if self.family.likelihood is not None:  # a family without one still runs every generation task
             self.estimator = dataclasses.replace(self.estimator, scheme=self.family.likelihood)
         self.accelerator, self._rank, self._world_size = None, 0, 1
@@ -191,7 +194,7 @@ class DLLM(StatsReporting, TemplateLM):
         # an error, a default that does not fit is fitted (a logged note). A block-causal model's block size and
         # the strategies / caches it cannot use are checked here too.
         self._note(resolve(strategy, self.cache_name, self.decoding_args, max_length=self.max_length,
-                           block_size=self.block_size).notes)
+                           block_size=self.block_size, family_defaults=self.family.decoding_defaults).notes)
         torch_dtype = (torch.bfloat16 if self._device.type == "cuda" else torch.float32) \
             if str(dtype).lower() == "auto" else _DTYPES[str(dtype).lower()]
         self.tokenizer = self._load_tokenizer(self.pretrained, revision)
@@ -211,7 +214,7 @@ class DLLM(StatsReporting, TemplateLM):
         """One request group's settings (``lmeval_dllm.decoding.resolve``: --model_args > task gen kwargs >
         defaults), its sampler bound to this tokenizer's EOS / end-of-turn ids, and its stop strings."""
         decoding = resolve(self.strategy, self.cache_name, self.decoding_args, gen_kwargs, max_length=self.max_length,
-                           block_size=self.block_size)
+                           block_size=self.block_size, family_defaults=self.family.decoding_defaults)
         self._note(decoding.notes)
         sampler = decoding.sampler
         sampler.proposal = sampler.proposal.bind(self.tokenizer.eos_token_id, self._eot_id())

@@ -175,6 +175,11 @@ class StepOutput:
     # cache's skipped rows too, and ahead of ``commit`` / ``remask``. d3LLM's early stop writes EOS after a row's
     # first EOS. The loop's early finish assumes nothing before a row's first stop token is overwritten.
     overwrite: Optional[torch.Tensor] = None
+    # (B, L) bool: decoded positions to revise to ``tokens`` (token to token, never back to a mask; LLaDA2.1's
+    # editing). The loop applies it only where this call committed the column (``decoded_at >= 0``: never a
+    # prompt column) and the logits are real (``fresh``), in active rows; a sampler that returns it declares
+    # ``can_edit``.
+    revise: Optional[torch.Tensor] = None
     # A structural edit of the canvas, applied by the loop after the commits (DAEDAL: grow rows, insert masks).
     edit: Optional["CanvasEdit"] = None
 

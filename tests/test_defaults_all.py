@@ -22,10 +22,10 @@ from lmeval_dllm.samplers import SAMPLERS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet",
-              "d3llm"]
+              "d3llm", "llada21_edit"]
 CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse", "elastic"]
-# Caches for block-causal models only (SDAR, TraDo): refused on the bundled LLaDA (test below); their every-strategy
-# runs are in tests/test_sdar.py.
+# Caches for block-causal models only (SDAR, TraDo, LLaDA2): refused on the bundled LLaDA (test below); their
+# every-strategy runs are in tests/test_sdar.py.
 BLOCK_CAUSAL_ONLY = ["block"]
 NEEDS = {"pc_sampler": "debias=false"}  # its default needs a frequency table (test below); this is the closest
 ONE_TOKEN_PER_STEP = {"vanilla", "pc_sampler", "ar"}  # their defaults commit exactly one token per step

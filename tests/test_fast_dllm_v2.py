@@ -227,3 +227,18 @@ def test_forward_applies_block_size_without_an_explicit_mask(tied_dir):
     ids = torch.randint(0, 260, (1, T), generator=torch.Generator().manual_seed(2))
     ref = reference_logits(cfg, w, ids)
     assert (model(ids, torch.arange(T)[None]) - ref).abs().max().item() < 2e-5
+
+
+def test_the_lm_eval_model_refuses_it_before_the_weights_until_its_decoder_is_wired(tmp_path, monkeypatch):
+    import lmeval_dllm.models
+    from lmeval_dllm.lm import DLLM
+
+    write_checkpoint(str(tmp_path), "fast_dllm_v2")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(lmeval_dllm.models, "load_model", no_weights)
+    with pytest.raises(ValueError, match=r"^model family 'fast_dllm_v2' \(.*\) cannot be evaluated by --model dllm "
+                                         r"yet: Fast-dLLM v2's decoder is not wired into the decode loop yet"):
+        DLLM(pretrained=str(tmp_path))

@@ -61,6 +61,7 @@ STRATEGIES = {
     "credit": {"threshold": 0.3},
     "prophet": {"early_threshold": 1.0, "mid_threshold": 0.5, "late_threshold": 0.1, "answer_start": 20},
     "d3llm": {"threshold": 5.0, "block_add_threshold": 0.25, "decoded_token_threshold": 0.5},
+    "llada21_edit": {"threshold": 0.5, "editing_threshold": 0.3, "max_post_steps": 4},
 }
 CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),

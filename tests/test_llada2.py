@@ -2,10 +2,11 @@
 config.json read into exact ModelArgs, unsupported fields named, the router's choice and weights on hand-built
 scores, partial RoPE on a hand-built vector, the tiny checkpoint in the release's layout loaded through the real
 loader with logits equal to a reference written here from the official tensors (per token, per expert), and
-decoding (bidirectional until the block-causal seam lands) with a batch equal to each prompt alone.
+block-causal decoding (blocks of 32) with a batch equal to each prompt alone and exact caches equal to none.
 
-The logits were also compared with the release's own ``modeling_llada2_moe.py`` in a scratch environment (never
-committed): docs/models.md has the figures."""
+The logits were also compared with the release's own ``modeling_llada2_moe.py``, and greedy decoding with its
+``generate`` (LLaDA2.0: strategy=vanilla, threshold; LLaDA2.1: strategy=llada21_edit), in a scratch environment
+(never committed): docs/models.md and docs/strategies.md have the figures."""
 
 from __future__ import annotations
 
@@ -334,37 +335,74 @@ def test_bfloat16_combine_is_float32_over_the_slots(ckpt):
     torch.testing.assert_close(moe._looped(x, weights, experts), torch.stack(rows), rtol=0, atol=0)
 
 
-CACHES = [None, ("prefix", {}), ("dual", {"refresh_interval": 3}), ("dllm", {"kp": 3, "kr": 2}),
-          ("d2cache", {"current_k": 3, "inflate_w": 2}), ("vicinity", {"prefix_look": 4, "after_look": 4})]
+# Caches that serve a block-causal model exactly (``Cache.block_causal``); dllm, d2cache and vicinity refuse.
+CACHES = [None, ("block", {}), ("prefix", {}), ("dual", {"refresh_interval": 3})]
+REFUSED = [("dllm", {"kp": 3, "kr": 2}, "reuses stale attention"),
+           ("d2cache", {"current_k": 3, "inflate_w": 2}, "full-attention scores"),
+           ("vicinity", {"prefix_look": 4, "after_look": 4}, "never attends to")]
+# One prompt longer than two blocks (full prompt blocks are prefilled), one of exactly one block (no prompt tail:
+# its answer is one block shorter on the aligned canvas), the others end inside blocks 0 and 1.
+LONG = "A much longer prompt that fills more than two blocks of thirty-two tokens each, by a margin!"
+EXACT = "Thirty-two characters, exactly!!"  # a whole prompt block: its answer ends a block before LONG's
 
 
-@pytest.mark.parametrize("cache", CACHES, ids=lambda c: "none" if c is None else c[0])
-def test_decoding_batch_equals_each_prompt_alone(ckpt, cache):
-    """Bidirectional for now (block-causal attention lands with the block seam): with every cache (their RoPE
-    tables now cover the rotated dims only), a left-padded batch decodes exactly as each prompt alone, tokens and
-    forward passes."""
-    from lmeval_dllm.caches import build_cache
-
-    from transformers import AutoTokenizer
-
-    model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
-    enc = [tok(p, add_special_tokens=False).input_ids for p in PROMPTS]
+def encode(tok, prompts):
+    enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     P = max(map(len, enc))
     ids = torch.tensor([[tok.pad_token_id] * (P - len(e)) + e for e in enc])
     mask = torch.tensor([[False] * (P - len(e)) + [True] * len(e) for e in enc])
+    return enc, ids, mask
 
-    def run(ids, mask):
-        sampler = build_sampler("vanilla", Proposal.from_params().bind(tok.eos_token_id, None), threshold=0.9)
-        return generate(model, ids, mask, sampler, GenerationConfig(16, 8),
-                        stop_token_ids=torch.tensor([tok.eos_token_id]),
-                        cache=None if cache is None else build_cache(cache[0], **cache[1]))
 
-    batch = run(ids, mask)
+def decode(model, tok, ids, mask, cache, strategy="vanilla", gen_length=32, **kw):
+    from lmeval_dllm.caches import build_cache
+
+    sampler = build_sampler(strategy, Proposal.from_params().bind(tok.eos_token_id, None), **kw)
+    return generate(model, ids, mask, sampler, GenerationConfig(gen_length, 32),
+                    stop_token_ids=torch.tensor([tok.eos_token_id]),
+                    cache=None if cache is None else build_cache(cache[0], **cache[1]))
+
+
+@pytest.mark.parametrize("cache", CACHES, ids=lambda c: "none" if c is None else c[0])
+@pytest.mark.parametrize("strategy,kw", [("vanilla", {"threshold": 0.04}),
+                                         ("llada21_edit", {"threshold": 0.04, "editing_threshold": 0.03})],
+                         ids=["vanilla", "llada21_edit"])
+def test_decoding_batch_equals_each_prompt_alone(ckpt, cache, strategy, kw):
+    """Block-causal (blocks of 32 from canvas column 0): a left-padded batch of prompts whose lengths differ mod 32
+    (one with a full prompt block) decodes exactly as each prompt alone, tokens and forward passes; the thresholds
+    are low enough for the tiny random model's flat distributions that steps commit (and edit) several tokens."""
+    from transformers import AutoTokenizer
+
+    model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    assert model.args.block_size == 32
+    enc, ids, mask = encode(tok, PROMPTS + [EXACT, LONG])
+    assert len(enc[-1]) > 64 and len(enc[-2]) == 32 and len({len(e) % 32 for e in enc}) >= 4
+    batch = decode(model, tok, ids, mask, cache, strategy, **kw)
     for i, e in enumerate(enc):
-        alone = run(torch.tensor([e]), None)
-        n = alone.tokens.shape[1]
-        assert alone.tokens[0].tolist() == batch.tokens[i, :n].tolist(), i
+        alone = decode(model, tok, torch.tensor([e]), None, cache, strategy, **kw)
+        n = int(alone.gen_lengths[0])
+        assert alone.tokens[0, :n].tolist() == batch.tokens[i, :n].tolist(), i
         assert alone.nfe[0] == batch.nfe[i], i
+    assert (batch.committed > 0).all()
+
+
+@pytest.mark.parametrize("cache,kw,why", REFUSED, ids=lambda c: c if isinstance(c, str) else "")
+def test_full_attention_caches_refuse_before_decoding(ckpt, cache, kw, why):
+    from transformers import AutoTokenizer
+
+    model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match=f"cache={cache!r} cannot serve a block-causal .*{why}"):
+        decode(model, tok, torch.tensor([[5, 6, 7]]), None, (cache, kw))
+
+
+def test_block_length_other_than_the_block_is_refused(ckpt):
+    from transformers import AutoTokenizer
+
+    model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
+    sampler = build_sampler("vanilla", Proposal.from_params().bind(tok.eos_token_id, None))
+    with pytest.raises(ValueError, match="block_length=12 does not divide the model.s block size 32"):
+        generate(model, torch.tensor([[5, 6]]), None, sampler, GenerationConfig(24, 12),
+                 stop_token_ids=torch.tensor([tok.eos_token_id]))
 
 
 def test_through_the_lm_eval_model(ckpt):
@@ -384,20 +422,38 @@ def test_through_the_lm_eval_model(ckpt):
         lm.loglikelihood([Instance("loglikelihood", {}, ("Hi", " there"), 0)])
 
 
-@pytest.mark.parametrize("cache", [("prefix", {"refresh_interval": 1}), ("dual", {"refresh_interval": 1}),
-                                   ("dllm", {"kp": 1, "kr": 1})], ids=lambda c: c[0])
-def test_cache_refreshed_every_step_equals_no_cache(ckpt, cache):
+@pytest.mark.parametrize("cache", [("block", {}), ("prefix", {"refresh_interval": 1}),
+                                   ("dual", {"refresh_interval": 1})], ids=lambda c: c[0])
+@pytest.mark.parametrize("strategy,kw", [("vanilla", {"threshold": 0.04}),
+                                         ("llada21_edit", {"threshold": 0.04, "editing_threshold": 0.03})],
+                         ids=["vanilla", "llada21_edit"])
+def test_exact_caches_equal_no_cache(ckpt, cache, strategy, kw):
+    """cache=block (finished blocks' K/V kept) and the prefix / dual caches refreshed every step give the tokens
+    and forward passes of the whole canvas recomputed every step (cache=none), with and without edits."""
     from transformers import AutoTokenizer
 
-    from lmeval_dllm.caches import build_cache
-
     model, tok = load_model(ckpt), AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor([tok(PROMPTS[0], add_special_tokens=False).input_ids])
-
-    def run(c):
-        sampler = build_sampler("vanilla", Proposal.from_params().bind(tok.eos_token_id, None), threshold=0.9)
-        return generate(model, ids, None, sampler, GenerationConfig(16, 8), stop_token_ids=torch.tensor([-1]),
-                        cache=c)
-
-    plain, cached = run(None), run(build_cache(cache[0], **cache[1]))
+    _, ids, _ = encode(tok, [LONG])
+    plain, cached = (decode(model, tok, ids, None, c, strategy, gen_length=64, **kw) for c in (None, cache))
     assert cached.tokens.tolist() == plain.tokens.tolist() and cached.nfe.tolist() == plain.nfe.tolist()
+
+
+def test_release_decoder_settings_are_the_family_defaults():
+    """LLaDA2.0's generate (threshold 0.95, blocks of 32) when neither --model_args nor the task says otherwise; a
+    gen_length that is not a multiple of the block is rounded up to whole blocks (notes say both)."""
+    from lmeval_dllm.decoding import resolve
+    from lmeval_dllm.models import FAMILIES
+
+    defaults = FAMILIES["llada2"].decoding_defaults
+    assert defaults == {"vanilla": {"threshold": 0.95}}
+    d = resolve("vanilla", "block", {}, {"max_gen_toks": 40}, block_size=32, family_defaults=defaults)
+    assert (d.config.gen_length, d.config.block_length, d.sampler.threshold) == (64, 32, 0.95)
+    assert d.notes == ("strategy 'vanilla' on this model family: threshold=0.95 (the release's default)",
+                       "gen_length=40 is not a multiple of the block-causal model's block 32: gen_length=64 "
+                       "(whole blocks)")
+    assert resolve("vanilla", None, {"threshold": 0.5}, {"max_gen_toks": 32}, block_size=32,
+                   family_defaults=defaults).sampler.threshold == 0.5  # the user's value wins
+    assert resolve("vanilla", None, {}, {"threshold": 0.7, "max_gen_toks": 32}, block_size=32,
+                   family_defaults=defaults).sampler.threshold == 0.7  # and the task's
+    edit = resolve("llada21_edit", None, {}, {"max_gen_toks": 32}, block_size=32, family_defaults=defaults)
+    assert edit.sampler.threshold == 0.95 and edit.notes == ()  # its own release defaults, nothing to note

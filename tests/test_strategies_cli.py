@@ -31,6 +31,8 @@ RUNS = {
     "prophet": ("llada", "early_threshold=1e9,mid_threshold=1e9,late_threshold=0.0"),
     # an entropy threshold above every entropy of the tiny model (ln 256 = 5.5 nats): a whole block per pass
     "d3llm": ("dream", "threshold=6.0,block_add_threshold=0.25,decoded_token_threshold=0.5,early_stop=true"),
+    # every mask of a block in its first pass (p > 0), then one or two editing passes (any change is an edit)
+    "llada21_edit": ("llada", "threshold=0.0,editing_threshold=0.0,max_post_steps=2"),
 }
 
 
@@ -89,6 +91,9 @@ def per_step_rule(name, stats):
     committed = [r["committed_tokens"] for r in stats]
     if name in ("pc_sampler", "ar"):  # one token per step
         assert committed == nfe
+    elif name == "llada21_edit":  # per block: the fill pass, then 1 to max_post_steps=2 mask-free passes
+        blocks = [c // BLOCK_LENGTH for c in committed]
+        assert all(c % BLOCK_LENGTH == 0 and 2 * b <= n <= 3 * b for c, b, n in zip(committed, blocks, nfe))
     else:  # several tokens in some steps
         assert all(c >= n for c, n in zip(committed, nfe)) and sum(committed) > sum(nfe)
     if name == "prophet":  # ordinary one-token passes, then the all-in pass 6 (unless a stop token came first)

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from lmeval_dllm.caches.base import Cache, target_rows
-from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.models import DiffusionLM, block_causal_families
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
 NOT_SERVED = "the block cache keeps one row of K/V per canvas column"
@@ -61,8 +61,8 @@ class BlockCache(Cache):
 
     def setup(self, model: DiffusionLM, state: DecodeState) -> None:
         if model.block_size is None:
-            raise ValueError(f"cache='block' needs a block-causal model (ModelArgs.block_size; SDAR, TraDo, "
-                             f"LLaDA2); the {model.args.family!r} model attends bidirectionally")
+            raise ValueError(f"cache='block' needs a block-causal model (ModelArgs.block_size; "
+                             f"{block_causal_families()}); the {model.args.family!r} model attends bidirectionally")
         a = model.args
         B, T = state.x.shape
         shape = (a.n_layers, B, a.n_kv_heads, T, a.head_dim)

@@ -35,6 +35,11 @@ def supported() -> str:
     return "; ".join(f.describe() for f in FAMILIES.values())
 
 
+def block_causal_families() -> str:
+    """The block-causal (block-diffusion) families, for messages: "sdar (...), llada2 (...)"."""
+    return ", ".join(f"{f.name} ({f.checkpoints})" for f in FAMILIES.values() if f.block_causal)
+
+
 def family_named(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -84,5 +89,6 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "MoEArgs", "Slot", "TinyTokenizer", "family_for",
+__all__ = ["DiffusionLM", "FAMILIES", "Family", "LayerHooks", "ModelArgs", "MoEArgs", "Slot", "TinyTokenizer",
+           "block_causal_families", "family_for",
            "family_named", "load_model", "parse_args", "read_config", "resolve_checkpoint_dir", "supported"]

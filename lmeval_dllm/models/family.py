@@ -10,7 +10,7 @@ families read it from there.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from lmeval_dllm.models.loading import Slot
 from lmeval_dllm.models.transformer import ModelArgs
@@ -50,6 +50,12 @@ class Family:
             layout (``lmeval_dllm.tiny.write_checkpoint``).
         tiny_tokenizer: the tokenizer of those checkpoints.
         ignore: official tensor names that may be in the files without being loaded (recomputable buffers).
+        block_causal: the family's models attend block-causally (block diffusion, ``ModelArgs.block_size``),
+            for messages that name those families.
+        decoding_defaults: {strategy: {parameter: value}}: the release decoder's settings a strategy runs with on
+            this family when neither ``--model_args`` nor the task gives them (``lmeval_dllm.decoding.resolve``).
+        generation_unsupported: None, or why ``--model dllm`` cannot decode this family yet (its weights load and
+            its logits are checked; ``generate_until`` raises this reason before any model work).
     """
 
     name: str
@@ -63,6 +69,9 @@ class Family:
     tiny_config: Callable[..., dict]
     tiny_tokenizer: TinyTokenizer
     ignore: Callable[[str], bool] = field(default=_keep_every_weight)
+    block_causal: bool = False
+    decoding_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    generation_unsupported: Optional[str] = None
 
     def matches(self, config: dict) -> bool:
         if str(config.get("model_type", "")).lower() not in {m.lower() for m in self.model_types}:

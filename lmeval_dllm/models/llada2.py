@@ -220,6 +220,10 @@ FAMILY = Family(
     parse_config=parse_config,
     weight_names=weight_names,
     likelihood=None,  # the release has no likelihood code; LLaDA's estimate assumes bidirectional attention
+    block_causal=True,
+    # LLaDA2.0's generate: threshold 0.95 with a floor of one token per step (steps=32 = block_length) is
+    # vanilla's threshold rule (docs/models.md); LLaDA2.1's editing decoder has its release defaults built in.
+    decoding_defaults={"vanilla": {"threshold": 0.95}},
     end_of_turn=("<|role_end|>",),
     tiny_config=tiny_config,
     tiny_tokenizer=TinyTokenizer(

@@ -137,6 +137,7 @@ FAMILY = Family(
     parse_config=parse_config,
     weight_names=weight_names,
     likelihood=None,  # the release evaluates generation only (OpenCompass gen tasks); no likelihood scheme
+    block_causal=True,
     end_of_turn=("<|im_end|>",),
     tiny_config=tiny_config,
     tiny_tokenizer=TinyTokenizer(

@@ -15,6 +15,7 @@ from lmeval_dllm.samplers.d3llm import D3LLMSampler
 from lmeval_dllm.samplers.eb_sampler import EntropyBoundSampler
 from lmeval_dllm.samplers.hierarchy import HierarchySampler
 from lmeval_dllm.samplers.klass import KLAdaptiveStabilitySampler
+from lmeval_dllm.samplers.llada21_edit import LLaDA21EditSampler
 from lmeval_dllm.samplers.pc_sampler import PCSampler
 from lmeval_dllm.samplers.daedal import DaedalSampler
 from lmeval_dllm.samplers.proposal import Proposal
@@ -35,6 +36,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "credit": CreditSampler,  # dInfer credit decoding: EMA credit of top-1 tokens fused into the logits
     "prophet": ProphetSampler,  # Prophet: commit every mask once the answer's top-2 gap clears a phase threshold
     "d3llm": D3LLMSampler,  # d3LLM: several blocks in flight, entropy-threshold commits (arXiv:2601.07568)
+    "llada21_edit": LLaDA21EditSampler,  # LLaDA2.1: threshold commits plus token-to-token edits (arXiv:2602.08676)
 }
 
 

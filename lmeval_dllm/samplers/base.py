@@ -27,6 +27,9 @@ class Sampler:
     Declared abilities, read once by the loop and by compatibility checks (never ``isinstance``):
 
     - ``can_remask``: the sampler may turn decoded tokens back into masks (WINO).
+    - ``can_edit``: the sampler may overwrite decoded tokens of the current block with other tokens
+      (``StepOutput.revise``, LLaDA2.1's token editing); like ``can_remask``, a row's answer is then final only
+      at the end of a block, so the loop checks for a finished row there.
     - ``logits_span``: "block" (logits of the current block) or "generation" (the whole generation region).
     - ``sizes_canvas``: the sampler chooses each row's generation length itself (DAEDAL): the loop starts from
       its ``initial_gen_length`` instead of ``gen_length``, and a step may return a :class:`CanvasEdit` in
@@ -43,6 +46,7 @@ class Sampler:
 
     name: ClassVar[str] = ""
     can_remask: ClassVar[bool] = False
+    can_edit: ClassVar[bool] = False
     logits_span: ClassVar[str] = "block"
     sizes_canvas: ClassVar[bool] = False
     multi_block: ClassVar[bool] = False
@@ -75,6 +79,13 @@ class Sampler:
             state: the decode state (read only, except ``state.sampler_state``).
         """
         raise NotImplementedError
+
+    def block_continues(self, state: DecodeState, has_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: which rows make another pass over the current block. Called once before every pass of a
+        block (``state.step_in_block`` passes made so far), with ``has_mask`` (B,) bool = the row's block still
+        holds a mask; rows already finished are excluded by the loop. The default is today's rule, "a block is
+        done when it has no mask"; an editing sampler (LLaDA2.1) keeps a mask-free block for further passes."""
+        return has_mask
 
     def step_budget(self, block_length: int) -> int:
         """Most forward passes one block may take before the loop stops with an error (a guard against a
