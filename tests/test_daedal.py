@@ -174,6 +174,7 @@ class Script:
     than ``sure_at``. A row's length is read from the attention mask, as the model sees it."""
 
     logit_shift, mask_token_id, device, dtype = 0, MASK, torch.device("cpu"), torch.float32
+    block_size = None  # bidirectional (DiffusionLM.block_size)
 
     def __init__(self, rows):
         self.rows, self.calls = rows, 0

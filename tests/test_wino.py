@@ -245,6 +245,7 @@ class ShadowScript:
     ``easy_rows`` are sure of every target (0.95 - 0.01 j)."""
 
     logit_shift, mask_token_id, device, dtype = 0, MASK, torch.device("cpu"), torch.float32
+    block_size = None  # bidirectional (DiffusionLM.block_size)
 
     def __init__(self, easy_rows=()):
         self.calls, self.easy_rows = 0, set(easy_rows)
