@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from lmeval_dllm.caches.base import ENGINE_OPTIONS, FEATURES, Cache, check_compatible
 from lmeval_dllm.caches.d2cache import D2Cache
+from lmeval_dllm.caches.dkv import DKVCache
 from lmeval_dllm.caches.dllm_cache import DLLMCache
 from lmeval_dllm.caches.dual import DualCache
 from lmeval_dllm.caches.prefix import PrefixCache
@@ -20,6 +21,7 @@ CACHES: dict[str, type[Cache]] = {
     "dllm": DLLMCache,  # dLLM-Cache (arXiv:2506.06295)
     "d2cache": D2Cache,  # d2Cache (arXiv:2509.23094)
     "vicinity": VicinityCache,  # dInfer vicinity refresh: a dual cache rerunning a window around the block
+    "dkv": DKVCache,  # dKV-Cache (arXiv:2505.15781): decoded tokens' K/V cached one step late
 }
 
 

@@ -15,7 +15,8 @@ PROMPTS = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
 
 # Settings under which each cache recomputes everything at every step (= the exact computation).
 EXACT = {"prefix": {"refresh_interval": 1}, "dual": {"refresh_interval": 1}, "dllm": {"kp": 1, "kr": 1},
-         "d2cache": {"refresh_interval": 1}, "vicinity": {"refresh_interval": 1}}
+         "d2cache": {"refresh_interval": 1}, "vicinity": {"refresh_interval": 1},
+         "dkv": {"cache_reloading_step": 1}}
 
 
 @functools.lru_cache(maxsize=None)
