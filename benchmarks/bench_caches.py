@@ -84,7 +84,8 @@ SHAPES = {
 CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {},  # each cache at its defaults
             # dInfer's vicinity refresh at 16 / 16 columns around the block, 4 warm-up passes (its defaults are 0,
             # which is the dual cache)
-            "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4}}
+            "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4},
+            "dkv": {}}  # dKV-Cache-Decode, cache_reloading_step=8 (the release's LLaDA README setting)
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool = True) -> DiffusionLM:
@@ -270,7 +271,9 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
         prefix_rows = sum(T - P - b * block for b in range(blocks)) / blocks
         vicinity = block + CACHE_KW["vicinity"]["prefix_look"] + CACHE_KW["vicinity"]["after_look"] + a.logit_shift
         rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift,
-                    "vicinity": vicinity}.get(cache_name, block)
+                    "vicinity": vicinity,
+                    # dkv runs every mask (on average half the generation region) and the last step's tokens
+                    "dkv": (G + 1) / 2 + a.logit_shift}.get(cache_name, block)
         r.update(model=name, weight_bytes=wbytes, all_weight_bytes=weight_bytes(model),
                  weight_floor_ms=wbytes / floors["copy_bytes_per_s"] * 1e3,
                  full_compute_floor_ms=forward_flops(a, B, T, T, block) / floors["matmul_flops_per_s"] * 1e3,

@@ -22,7 +22,7 @@ from lmeval_dllm.samplers import SAMPLERS
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet"]
-CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity"]
+CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "dkv"]
 NEEDS = {"pc_sampler": "debias=false"}  # its default needs a frequency table (test below); this is the closest
 ONE_TOKEN_PER_STEP = {"vanilla", "pc_sampler", "ar"}  # their defaults commit exactly one token per step
 
@@ -41,8 +41,8 @@ REFUSED = [(s, c) for s in STRATEGIES for c in CACHE_NAMES if not allowed(s, c)]
 
 def test_the_lists_are_the_registries():
     assert set(STRATEGIES) == set(SAMPLERS) and set(CACHE_NAMES) == {"none", *CACHES}
-    assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("daedal", "dllm"), ("daedal", "d2cache"),
-                       ("daedal", "vicinity")]
+    assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "dkv"), ("daedal", "dllm"),
+                       ("daedal", "d2cache"), ("daedal", "vicinity"), ("daedal", "dkv")]
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ STRATEGIES = {
 CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2}), ("d2cache", {}),
           ("d2cache", {"current_k": 4, "inflate_w": 2}), ("prefix", {"refresh_interval": 1}),
           ("dual", {"refresh_interval": 1}), ("dllm", {"kp": 1, "kr": 1}), ("d2cache", {"refresh_interval": 1}),
-          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1})]
+          ("vicinity", {"prefix_look": 4, "after_look": 4, "warmup_steps": 3}), ("vicinity", {"refresh_interval": 1}),
+          ("dkv", {}), ("dkv", {"cache_reloading_step": 1}), ("dkv", {"variant": "pd", "cache_reloading_step": 3})]
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
@@ -123,11 +124,12 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
         eager2, _ = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), second)
         assert torch.equal(decode(model, strategy, cache, second)[0], eager2), (name, kw)
         assert torch.equal(decode(model, strategy, cache, first)[0], graphed), (name, kw)
-        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name == "none":
+        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name == "none" or \
+                kw == {"cache_reloading_step": 1}:
             assert torch.equal(eager, reference), (name, kw)
 
 
-@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache"])
+@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "dkv"])
 def test_one_cache_object_over_batches_of_other_shapes(cache_name):
     """The bundled trained tiny-llada in bfloat16 with stop tokens (rows finish early): each batch decoded by one
     long-lived cache object equals a fresh eager decode (a graph pool once got reused after its graphs were
