@@ -13,7 +13,7 @@ from caches_support import PROMPTS, decode_logged, left_pad, tiny
 MODES = {"top-n": {"num_transfer_tokens": 2}, "steps": {"steps": 8}, "threshold": {"threshold": 0.05},
          "factor": {"factor": 3.0}}
 CACHES = {"prefix": {}, "dual": {"refresh_interval": 3}, "dllm": {"kp": 3, "kr": 2, "rou": 0.25},
-          "d2cache": {"current_k": 3, "inflate_w": 2}}
+          "d2cache": {"current_k": 3, "inflate_w": 2}, "dkv": {"cache_reloading_step": 3}}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
