@@ -69,7 +69,7 @@ def test_every_cache_and_mode_through_lm_eval(llada_dir, dream_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=str(tmp_path), env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert len(cells) == 8 + 4 * 4 + 2 + 2
+    assert len(cells) == 10 + 4 * 5 + 2 + 2
     for family, cache, name, _ in cells:
         out = tmp_path / f"{family}-{cache}-{name}"
         (path,) = glob.glob(str(out / "*" / "results_*.json"))
