@@ -170,7 +170,7 @@ class DKVCache(PositionStoreCache):
         else:
             refresh = (self.block_steps % self.cache_reloading_step == 0)[:, None]
             skip = torch.where(refresh, self.pinned, self.cached | self.pinned)
-        return ~skip & ~first & self.real_keys & active[:, None] | first & self.real_keys & active[:, None]
+        return (first | ~skip) & self.real_keys & active[:, None]
 
     # -- forward ------------------------------------------------------------------------------------------------
 
