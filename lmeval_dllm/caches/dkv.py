@@ -113,27 +113,42 @@ class DKVCache(PositionStoreCache):
     # -- per call -----------------------------------------------------------------------------------------------
 
     def setup(self, model: DiffusionLM, state: DecodeState) -> None:
+        """Storage and per-row state, allocated when the batch shape changes and refilled in place otherwise, so
+        the CUDA graphs of one shape serve every call of that shape."""
         a = model.args
         B, T = state.x.shape
         device = model.device
         shape = (a.n_layers, B, a.n_kv_heads, T + 1, a.head_dim)
-        if self.k is None or tuple(self.k.shape) != shape or self.k.dtype != model.dtype or self.k.device != device:
+        key = (shape, model.dtype, device, model.logit_shift, id(model))
+        if key != self._shape:
+            self.graphs.reset()  # the tensors below get new addresses
             self.k = self.v = None
             self.k = torch.zeros(shape, dtype=model.dtype, device=device)
             self.v = torch.zeros_like(self.k)
-        self.graphs.reset()  # the per-call tensors below get new addresses
+            self.real_keys = torch.ones(B, T, dtype=torch.bool, device=device)  # (B, T) True = not padding
+            self.cos = torch.zeros(B, 1, T, a.head_dim, dtype=torch.float32, device=device)  # canvas RoPE
+            self.sin = torch.zeros_like(self.cos)
+            self.pinned = torch.zeros(B, T, dtype=torch.bool, device=device)  # rows the first step stores for good
+            self.cached = torch.zeros_like(self.pinned)  # rows read from the cache this step
+            self.pending = torch.zeros_like(self.pinned)  # rows read from it the step after
+            self.block_steps = torch.zeros(B, dtype=torch.long, device=device)  # per row: steps in this block
+            self.passes = torch.zeros_like(self.block_steps)  # per row: steps in this call
+            self._shape = key
         self.length, self.shift, self.mask_token_id = T, model.logit_shift, state.mask_token_id
-        self.real_keys = state.attention_mask if state.attention_mask is not None else \
-            torch.ones(B, T, dtype=torch.bool, device=device)
-        self.cos, self.sin = model.rope(state.position_ids)  # (B, 1, T, Dh)
-        # (B, T) bool: rows whose K/V the first step stores for good (the prompt's; prefill and pd)
-        self.pinned = torch.zeros(B, T, dtype=torch.bool, device=device)
-        if self.variant != "decode":
+        if state.attention_mask is not None:
+            self.real_keys.copy_(state.attention_mask)
+        else:
+            self.real_keys.fill_(True)
+        cos, sin = model.rope(state.position_ids)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.pinned.zero_()
+        if self.variant != "decode":  # the prompt's rows (prefill, pd)
             self.pinned.copy_(self._decoded_rows(state.x != state.mask_token_id, start=True) & self.real_keys)
-        self.cached = torch.zeros(B, T, dtype=torch.bool, device=device)  # rows read from the cache this step
-        self.pending = torch.zeros(B, T, dtype=torch.bool, device=device)  # rows read from it the step after
-        self.block_steps = torch.zeros(B, dtype=torch.long, device=device)  # per row: steps in this block
-        self.passes = torch.zeros(B, dtype=torch.long, device=device)  # per row: steps in this call
+        self.cached.zero_()
+        self.pending.zero_()
+        self.block_steps.zero_()
+        self.passes.zero_()
 
     def begin_block(self, state: DecodeState) -> None:
         """A block starts with a refresh. Its second step reads the rows decoded at the block start (Dream's

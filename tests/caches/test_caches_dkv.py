@@ -203,3 +203,16 @@ def test_invalid_parameters(kw, msg):
 def test_defaults():
     cache = build_cache("dkv")
     assert (cache.variant, cache.cache_reloading_step, cache.shift_type) == ("decode", 8, "un")
+
+
+def test_one_cache_object_serves_calls_of_any_shape(tiny_dir):
+    """Per-call state is refilled in place when the shape repeats (graphs survive) and reallocated when it does
+    not: a long-lived cache object gives what a fresh one gives, call after call."""
+    model, tok = tiny(tiny_dir)
+    enc, ids, mask = left_pad(tok, PROMPTS)
+    cache = build_cache("dkv", variant="pd", cache_reloading_step=3)
+    runs = [(ids, mask), (torch.tensor([enc[1]]), None), (ids, mask), (torch.tensor([enc[2]]), None)]
+    for x, m in runs:
+        fresh = decode(model, x, m, ("dkv", {"variant": "pd", "cache_reloading_step": 3}), threshold=0.05)
+        reused = decode(model, x, m, cache, threshold=0.05)
+        assert reused.tokens.tolist() == fresh.tokens.tolist() and reused.nfe.tolist() == fresh.nfe.tolist()
