@@ -111,8 +111,9 @@ CACHE_KW = {"none": {}, "prefix": {}, "dual": {}, "dllm": {}, "d2cache": {},  # 
             "vicinity": {"prefix_look": 16, "after_look": 16, "warmup_steps": 4},
             # Sparse-dLLM at its scripts' and configs' setting (also its defaults)
             "sparse": {"keep_ratio": 0.5, "kernel_size": 3},
-            "elastic": {},
-            "block": {}}  # Elastic-Cache at the release's defaults (window 16, gamma 0.9, one tracked per layer)
+            "elastic": {},  # Elastic-Cache at the release's defaults (window 16, gamma 0.9, one tracked per layer)
+            "block": {},  # block diffusion's exact cache (no parameters)
+            "dkv": {}}  # dKV-Cache-Decode, cache_reloading_step=8 (the release's LLaDA README setting)
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype, fuse: bool = True) -> DiffusionLM:
@@ -298,7 +299,9 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
         prefix_rows = sum(T - P - b * block for b in range(blocks)) / blocks
         vicinity = block + CACHE_KW["vicinity"]["prefix_look"] + CACHE_KW["vicinity"]["after_look"] + a.logit_shift
         rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift,
-                    "vicinity": vicinity, "sparse": block + a.logit_shift}.get(cache_name, block)
+                    "vicinity": vicinity, "sparse": block + a.logit_shift,
+                    # dkv runs every mask (on average half the generation region) and the last step's tokens
+                    "dkv": (G + 1) / 2 + a.logit_shift}.get(cache_name, block)
         if cache_name == "elastic":  # its slots at the defaults: one tracked per layer, 16 committed, 16 window
             rows_run = a.n_layers + 2 * 16
         # keys a cached step attends to (sparse: the kept share of the other columns plus the block's own)

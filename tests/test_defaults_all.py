@@ -23,7 +23,7 @@ from lmeval_dllm.samplers import SAMPLERS
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 STRATEGIES = ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar", "hierarchy", "credit", "prophet",
               "d3llm", "llada21_edit"]
-CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse", "elastic"]
+CACHE_NAMES = ["none", "prefix", "dual", "dllm", "d2cache", "vicinity", "block", "sparse", "elastic", "dkv"]
 # Caches for block-causal models only (SDAR, TraDo, LLaDA2): refused on the bundled LLaDA (test below); their
 # every-strategy runs are in tests/test_sdar.py.
 BLOCK_CAUSAL_ONLY = ["block"]
@@ -47,8 +47,9 @@ def test_the_lists_are_the_registries():
     assert set(STRATEGIES) == set(SAMPLERS) and set(CACHE_NAMES) == {"none", *CACHES}
     assert BLOCK_CAUSAL_ONLY == [c for c in CACHE_NAMES if cache_class(None if c == "none" else c).needs_block_causal]
     assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "block"), ("wino", "sparse"),
-                       ("wino", "elastic"), ("daedal", "dllm"), ("daedal", "d2cache"), ("daedal", "vicinity"),
-                       ("daedal", "block"), ("daedal", "sparse"), ("daedal", "elastic")]
+                       ("wino", "elastic"), ("wino", "dkv"), ("daedal", "dllm"), ("daedal", "d2cache"),
+                       ("daedal", "vicinity"), ("daedal", "block"), ("daedal", "sparse"), ("daedal", "elastic"),
+                       ("daedal", "dkv")]
 
 
 @pytest.mark.parametrize("cache", BLOCK_CAUSAL_ONLY)

@@ -72,7 +72,8 @@ CACHES = [("none", {}), ("prefix", {}), ("dual", {}), ("dllm", {"kp": 3, "kr": 2
           ("sparse", {"delay_steps": 0, "refresh_interval": 1}),
           ("elastic", {}), ("elastic", {"window_length": 4, "gamma": 0.99, "track_num": 2}),
           ("elastic", {"block_caching": False}),
-          ("elastic", {"refresh_interval": 1, "window_length": 32})]  # a window over the whole generation: exact
+          ("elastic", {"refresh_interval": 1, "window_length": 32}),  # a window over the whole generation: exact
+          ("dkv", {}), ("dkv", {"cache_reloading_step": 1}), ("dkv", {"variant": "pd", "cache_reloading_step": 3})]
 
 
 def random_model(family: str, dtype=torch.float32, fuse: bool = True, **shape) -> DiffusionLM:
@@ -150,11 +151,12 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
         eager2, _ = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), second)
         assert torch.equal(decode(model, strategy, cache, second)[0], eager2), (name, kw)
         assert torch.equal(decode(model, strategy, cache, first)[0], graphed), (name, kw)
-        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name in ("none", "block"):
+        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name in ("none", "block") or \
+                kw == {"cache_reloading_step": 1}:
             assert torch.equal(eager, reference), (name, kw)
 
 
-@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "sparse", "elastic"])
+@pytest.mark.parametrize("cache_name", ["prefix", "dual", "dllm", "d2cache", "sparse", "elastic", "dkv"])
 def test_one_cache_object_over_batches_of_other_shapes(cache_name):
     """The bundled trained tiny-llada in bfloat16 with stop tokens (rows finish early): each batch decoded by one
     long-lived cache object equals a fresh eager decode (a graph pool once got reused after its graphs were

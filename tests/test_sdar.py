@@ -312,6 +312,7 @@ def test_release_sequential_is_ar():
     ("vanilla", "vicinity", {}, "cache='vicinity' cannot serve a block-causal (block-diffusion) model: it refreshes"),
     ("vanilla", "sparse", {}, "cache='sparse' cannot serve a block-causal (block-diffusion) model: it keeps an"),
     ("vanilla", "elastic", {}, "cache='elastic' cannot serve a block-causal (block-diffusion) model: its drift"),
+    ("vanilla", "dkv", {}, "cache='dkv' cannot serve a block-causal (block-diffusion) model: it delays and"),
     ("wino", None, {}, "strategy 'wino' cannot decode a block-causal (block-diffusion) model: it changes the canvas "
                        "or runs extra rows (extra_rows)"),
     ("daedal", None, {}, "strategy 'daedal' cannot decode a block-causal (block-diffusion) model: it reads logits "

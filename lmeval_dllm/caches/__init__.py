@@ -7,6 +7,7 @@ from typing import Any, Optional
 from lmeval_dllm.caches.base import ENGINE_OPTIONS, FEATURES, Cache, check_compatible
 from lmeval_dllm.caches.block import BlockCache
 from lmeval_dllm.caches.d2cache import D2Cache
+from lmeval_dllm.caches.dkv import DKVCache
 from lmeval_dllm.caches.dllm_cache import DLLMCache
 from lmeval_dllm.caches.dual import DualCache
 from lmeval_dllm.caches.elastic import ElasticCache
@@ -26,6 +27,7 @@ CACHES: dict[str, type[Cache]] = {
     "block": BlockCache,  # block diffusion's exact KV cache of finished blocks (SDAR arXiv:2510.06303)
     "sparse": SparseCache,  # Sparse-dLLM (arXiv:2508.02558): attention-selected prefix/suffix K/V
     "elastic": ElasticCache,  # Elastic-Cache (arXiv:2510.14973)
+    "dkv": DKVCache,  # dKV-Cache (arXiv:2505.15781): decoded tokens' K/V cached one step late
 }
 
 

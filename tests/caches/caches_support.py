@@ -17,7 +17,8 @@ PROMPTS = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
 EXACT = {"prefix": {"refresh_interval": 1}, "dual": {"refresh_interval": 1}, "dllm": {"kp": 1, "kr": 1},
          "d2cache": {"refresh_interval": 1}, "vicinity": {"refresh_interval": 1},
          "sparse": {"delay_steps": 0, "refresh_interval": 1},
-         "elastic": {"refresh_interval": 1}}
+         "elastic": {"refresh_interval": 1},
+         "dkv": {"cache_reloading_step": 1}}
 
 
 @functools.lru_cache(maxsize=None)

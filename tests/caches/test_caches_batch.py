@@ -14,7 +14,8 @@ MODES = {"top-n": {"num_transfer_tokens": 2}, "steps": {"steps": 8}, "threshold"
          "factor": {"factor": 3.0}}
 CACHES = {"prefix": {}, "dual": {"refresh_interval": 3}, "dllm": {"kp": 3, "kr": 2, "rou": 0.25},
           "d2cache": {"current_k": 3, "inflate_w": 2}, "sparse": {"keep_ratio": 0.4},
-          "elastic": {"window_length": 4, "gamma": 0.99, "track_num": 2}}
+          "elastic": {"window_length": 4, "gamma": 0.99, "track_num": 2},
+          "dkv": {"cache_reloading_step": 3}}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

@@ -20,7 +20,7 @@ from local_tasks import write_generation_task
 
 pytestmark = pytest.mark.slow
 
-CACHES = ["prefix", "dual", "dllm", "d2cache", "sparse", "elastic"]
+CACHES = ["prefix", "dual", "dllm", "d2cache", "sparse", "elastic", "dkv"]
 MODES = ["num_transfer_tokens=2", "steps=8", "threshold=0.3", "factor=2.0"]
 # strategy arguments (besides the cache); lengths: gen_length=16, block_length=8 unless the strategy sets its own
 STRATEGIES = {
