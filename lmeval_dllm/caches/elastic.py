@@ -216,6 +216,9 @@ class ElasticCache(Cache):
                                                    state.x, active, first_col, *mask)
             first = int(start.min())  # the step's one host read: the layer the refresh starts at (L: none)
             if first < L:
+                # The refresh graph may have been captured before this one in the shared pool (the call's first
+                # pass is a full one): its replay may reuse the memory of this graph's outputs, so keep copies.
+                logits, fresh, start = logits.clone(), fresh.clone(), start.clone()
                 full, _ = self.graphs.run(("full", first, B, T, L_span, len(mask)),
                                           lambda x, act, st, c, *m: self._full(model, x, act, st, m, first, c, L_span),
                                           state.x, active, start, first_col, *mask)

@@ -17,6 +17,7 @@ the batch shape changes (``Cache.setup``).
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
@@ -87,8 +88,16 @@ class StepGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = fn(*static)
+        # No garbage collection while capturing: collecting an unreachable CUDAGraph (of a cache dropped earlier)
+        # resets it, which is not permitted during a capture and invalidates this one.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = fn(*static)
+        finally:
+            if collecting:
+                gc.enable()
         self._graphs[key] = (graph, static, out)
         self.captures += 1
         return result
