@@ -277,7 +277,7 @@ def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sample
     if sampler.logits_span != "block":
         why = "reads logits past the current block (logits_span='generation'), which a block-causal model computes " \
               "only from the blocks to their left"
-    elif sampler.sizes_canvas or sampler.cache_needs:
+    elif sampler.sizes_canvas or sampler.cache_needs & {"extra_rows", "resize"}:
         why = "changes the canvas or runs extra rows (" + ", ".join(sorted(sampler.cache_needs)) + ")"
     if why:
         raise ValueError(f"strategy {sampler.name!r} cannot decode a block-causal (block-diffusion) model: it {why}")

@@ -49,7 +49,7 @@ def test_the_lists_are_the_registries():
     assert REFUSED == [("wino", "dllm"), ("wino", "d2cache"), ("wino", "block"), ("wino", "sparse"),
                        ("wino", "elastic"), ("wino", "dkv"), ("daedal", "dllm"), ("daedal", "d2cache"),
                        ("daedal", "vicinity"), ("daedal", "block"), ("daedal", "sparse"), ("daedal", "elastic"),
-                       ("daedal", "dkv")]
+                       ("daedal", "dkv"), ("llada21_edit", "elastic")]
 
 
 @pytest.mark.parametrize("cache", BLOCK_CAUSAL_ONLY)

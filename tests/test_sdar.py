@@ -381,7 +381,7 @@ def test_lm_eval_runs_a_tiny_sdar_checkpoint(tmp_path):
 
 # -- every strategy with its defaults -----------------------------------------------------------------------------
 
-REFUSED_STRATEGIES = {"wino", "daedal", "prophet", "klass"}  # extra rows / a growing canvas / logits past the block
+REFUSED_STRATEGIES = {"wino", "daedal", "prophet", "klass", "d3llm"}  # extra rows / a growing canvas / logits past the block
 
 
 @pytest.mark.parametrize("strategy", sorted(SAMPLERS))

@@ -44,6 +44,8 @@ from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 FEATURES: dict[str, str] = {
     "extra_rows": "runs rows that are not part of the canvas alongside it (WINO's leave-one-out shadow block)",
     "resize": "changes the canvas length while decoding (DAEDAL inserts masks)",
+    "decoded_logits": "revises decoded tokens of the block from each pass's logits of those columns (LLaDA2.1's "
+                      "token editing)",
 }
 
 

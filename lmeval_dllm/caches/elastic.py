@@ -137,6 +137,8 @@ class ElasticCache(Cache):
     lacks = {
         "extra_rows": "elastic chooses its own query rows among canvas positions and cannot add rows outside it",
         "resize": "elastic's K/V, queries, hidden states and tracked positions are stored by canvas position",
+        "decoded_logits": "elastic returns logits for its window of masks only, so a decoded token never gets the "
+                          "fresh prediction an edit needs",
     }
     needs_attention = True  # the drift test and the tracked positions read every layer's attention
 

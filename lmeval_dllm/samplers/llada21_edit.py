@@ -60,6 +60,7 @@ class LLaDA21EditSampler(Sampler):
 
     name = "llada21_edit"
     can_edit = True
+    cache_needs = frozenset({"decoded_logits"})  # T2T reads the logits of the block's decoded columns
 
     def __init__(self, proposal: Proposal, *, threshold: float = 0.95, editing_threshold: float = 0.9,
                  max_post_steps: int = 16, num_to_transfer: int = 1):

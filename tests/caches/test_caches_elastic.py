@@ -273,12 +273,15 @@ def test_defaults_are_the_release_defaults():
     assert (c.window_length, c.gamma, c.track_num, c.block_caching, c.refresh_interval) == (16, 0.9, 1, True, None)
 
 
-def test_wino_and_daedal_are_refused_before_any_model_work():
+def test_wino_daedal_and_token_editing_are_refused_before_any_model_work():
     with pytest.raises(ValueError, match=r"^strategy 'wino' cannot be used with cache='elastic': the strategy runs "
                                          r"rows .* and elastic chooses its own query rows"):
         check_compatible(SAMPLERS["wino"], CACHES["elastic"])
     with pytest.raises(ValueError, match=r"^strategy 'daedal' cannot be used with cache='elastic': .* and "
                                          r"elastic's K/V, queries, hidden states and tracked positions are stored"):
         check_compatible(SAMPLERS["daedal"], CACHES["elastic"])
-    for name in sorted(set(SAMPLERS) - {"wino", "daedal"}):
+    with pytest.raises(ValueError, match=r"^strategy 'llada21_edit' cannot be used with cache='elastic': .* and "
+                                         r"elastic returns logits for its window of masks only"):
+        check_compatible(SAMPLERS["llada21_edit"], CACHES["elastic"])
+    for name in sorted(set(SAMPLERS) - {"wino", "daedal", "llada21_edit"}):
         check_compatible(SAMPLERS[name], CACHES["elastic"])
