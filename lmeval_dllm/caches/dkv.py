@@ -130,7 +130,7 @@ class DKVCache(PositionStoreCache):
             self.k = torch.zeros(shape, dtype=model.dtype, device=device)
             self.v = torch.zeros_like(self.k)
             self.real_keys = torch.ones(B, T, dtype=torch.bool, device=device)  # (B, T) True = not padding
-            self.cos = torch.zeros(B, 1, T, a.head_dim, dtype=torch.float32, device=device)  # canvas RoPE
+            self.cos = torch.zeros(B, 1, T, a.rope_dim, dtype=torch.float32, device=device)  # canvas RoPE (rotated dims)
             self.sin = torch.zeros_like(self.cos)
             self.pinned = torch.zeros(B, T, dtype=torch.bool, device=device)  # rows the first step stores for good
             self.cached = torch.zeros_like(self.pinned)  # rows read from the cache this step

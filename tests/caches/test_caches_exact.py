@@ -108,3 +108,34 @@ def test_dllm_recomputes_the_scheduled_rows(tiny_dir):
     per_step = [[n for i, n in runs[s * 2:(s + 1) * 2]] for s in range(8)]
     assert [s[0] for s in per_step] == [T] * 8  # layer 0: always everything
     assert [s[1] for s in per_step] == [T, 4, 16, P + 4, 16, 4, T, 4]
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_refresh_at_every_step_is_exact_with_partial_rope(name):
+    """A bidirectional model whose RoPE rotates half of each head (LLaDA2's partial_rotary_factor, as a GPU run
+    found: dkv sized its stored cos/sin by the head, not by the rotated dims): refreshed every step, each cache
+    gives the no-cache tokens."""
+    from lmeval_dllm.models import DiffusionLM, ModelArgs
+
+    args = ModelArgs(family="llada", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                     vocab_size=128, rope_theta=10000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False,
+                     tie_embeddings=False, max_position=256, mask_token_id=120, eos_token_id=121,
+                     pad_token_id=121, logit_shift=0, partial_rotary_factor=0.5)
+    torch.manual_seed(0)
+    model = DiffusionLM(args, fuse=False)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.fill_(1.0)
+            elif p.dim() > 1:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5)
+        model.output.weight[args.mask_token_id].zero_()
+    model.init_buffers(torch.device("cpu"))
+    model.eval().requires_grad_(False)
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False  # a left-padded row
+    ref, _, _ = decode_logged(model, ids, mask, None, gen_length=16, block_length=8, threshold=0.05)
+    out, _, _ = decode_logged(model, ids, mask, (name, EXACT[name]), gen_length=16, block_length=8, threshold=0.05)
+    assert out.tokens.tolist() == ref.tokens.tolist()
+    assert out.nfe.tolist() == ref.nfe.tolist()
