@@ -92,7 +92,7 @@ def test_unknown_need_is_an_error():
         cache_needs = frozenset({"telepathy"})
 
     with pytest.raises(ValueError, match=r"^strategy 'odd' declares an unknown cache need 'telepathy'; known: "
-                                         r"extra_rows, resize$"):
+                                         r"extra_rows, resize, decoded_logits$"):
         check_compatible(Odd, CACHES["prefix"])
 
 
