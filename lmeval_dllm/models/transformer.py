@@ -25,7 +25,7 @@ The model never asks which cache it has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -155,6 +155,15 @@ def block_causal(query_cols: torch.Tensor, keys: int, block_size: int,
     return allowed | (key_cols[None, None, None, :] == query_cols[:, None, :, None])
 
 
+@dataclass
+class BlockQueries:
+    """The canvas columns of the rows a forward runs (cols (1|B, Q) long), for block-causal attention, with the
+    masks built from them in this forward (``memo``: key count -> (padding mask, block-causal mask)), so that the
+    layers share one mask instead of building it each."""
+    cols: torch.Tensor
+    memo: dict = field(default_factory=dict)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the affine weight, as both families' HF code does."""
 
@@ -219,15 +228,15 @@ class Block(nn.Module):
         return v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-               query_cols: Optional[torch.Tensor] = None):
+               query_cols: Optional["BlockQueries"] = None):
         """q (B, Hq, Q, Dh) over k, v (B, Hkv, T, Dh); attn_mask (B, 1, 1|Q, T) bool, True = attend.
 
-        Bidirectional, or block-causal when the model has a ``block_size``: then ``query_cols`` ((1|B, Q) long)
-        are the canvas columns of the queries, key j is canvas column j, and :func:`block_causal` is combined
+        Bidirectional, or block-causal when the model has a ``block_size``: then ``query_cols`` holds the canvas
+        columns of the queries ((1|B, Q) long), key j is canvas column j, and :func:`block_causal` is combined
         with ``attn_mask``. Returns the output projection (B, Q, D).
         """
         if self.block_size is not None:
-            attn_mask = block_causal(query_cols, k.shape[2], self.block_size, attn_mask)
+            attn_mask = self.block_mask(query_cols, k.shape[2], attn_mask)
         if self.n_kv_heads != self.n_heads:
             if _SDPA_HAS_GQA:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
@@ -240,6 +249,17 @@ class Block(nn.Module):
         B, _, Q, _ = q.shape
         return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
 
+    def block_mask(self, queries: "BlockQueries", keys: int, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:func:`block_causal` for these queries and keys, built once per forward: every layer of a step sees
+        the same query columns, key count and padding mask, and rebuilding the mask in each layer costs ~6 small
+        kernels a layer, a visible share of a batch-1 step (docs/performance.md)."""
+        hit = queries.memo.get(keys)
+        if hit is not None and hit[0] is attn_mask:
+            return hit[1]
+        mask = block_causal(queries.cols, keys, self.block_size, attn_mask)
+        queries.memo[keys] = (attn_mask, mask)
+        return mask
+
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input, or the mixture of experts (:class:`MoE`).
         (B, Q, D) -> (B, Q, D)."""
@@ -250,11 +270,11 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: Optional[torch.Tensor],
                 cache: Optional[LayerHooks] = None, input_pos: Optional[torch.Tensor] = None,
-                query_cols: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_cols: Optional["BlockQueries"] = None) -> torch.Tensor:
         """h (B, Q, D) -> (B, Q, D). With a cache, the stream entering the layer goes through ``cache.layer_input``,
         K/V through ``cache.update`` at ``input_pos``; a cache that returns a row subset for this layer gets only
         those rows recomputed (their K/V at the subset's slots) and supplies the outputs of the others
-        (``cache.reuse``). ``query_cols`` (1|B, Q): the rows' canvas columns, for a block-causal model."""
+        (``cache.reuse``). ``query_cols``: the rows' canvas columns (1|B, Q), for a block-causal model."""
         i = self.layer_idx
         if cache is not None:
             h = cache.layer_input(i, h)
@@ -275,7 +295,7 @@ class Block(nn.Module):
             if cache.needs_attention:
                 cache.observe_attention(i, q, k)
             slots = rows.slots if rows.slots.dim() == 2 else rows.slots[None]
-            attn = self.attend(q, k, v, attn_mask, slots)
+            attn = self.attend(q, k, v, attn_mask, BlockQueries(slots))
         h = h + cache.reuse(i, "attn", rows, attn)
         ffn = self.mlp(gather_rows(h, rows.index)) if rows.count else None
         return h + cache.reuse(i, "mlp", rows, ffn)
@@ -539,9 +559,9 @@ class DiffusionLM(nn.Module):
         query_cols = None
         if self.args.block_size is not None:  # the rows' canvas columns: the key slots they write, or 0..Q-1
             if input_pos is None:
-                query_cols = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+                query_cols = BlockQueries(torch.arange(input_ids.shape[1], device=input_ids.device)[None])
             else:
-                query_cols = input_pos if input_pos.dim() == 2 else input_pos[None]
+                query_cols = BlockQueries(input_pos if input_pos.dim() == 2 else input_pos[None])
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache, input_pos, query_cols)
         if logits_index is not None:
