@@ -82,8 +82,9 @@ class BlockCache(Cache):
         B, T = state.x.shape
         # Rows run: from the first column whose K/V is not final to the end of the attention block holding the
         # decode block (a decode block smaller than the model's block is a sub-block: the rest of its attention
-        # block, masks included, shapes its logits and is rerun with it).
-        q0, q1 = self._final, min(-(-block.stop // bs) * bs, T)
+        # block, masks included, shapes its logits and is rerun with it). A shifted model (Fast-dLLM v2 reads
+        # column t from row t - 1) also reruns the row left of the block; its K/V are final, rewritten unchanged.
+        q0, q1 = min(self._final, targets.start - model.logit_shift), min(-(-block.stop // bs) * bs, T)
         rows = target_rows(model, targets, q0, q1)
         device = state.x.device
         write = torch.arange(q0, q1, device=device)  # (Q,) the key slot (= canvas column) of each row run

@@ -103,3 +103,19 @@ def test_needs_a_block_causal_model(llada_dir):
     model = load_model(llada_dir)
     with pytest.raises(ValueError, match=r"^cache='block' serves block-causal \(block-diffusion\) models only"):
         run(model, [[1, 2, 3]], "block")
+
+
+def test_a_shifted_model_reruns_the_row_left_of_each_block(tmp_path):
+    """Fast-dLLM v2 reads column t from row t - 1 (Dream's shift): the step of a block also runs the last row of
+    the block before it (its K/V are final, so rewriting them changes nothing); tokens and NFE equal no cache."""
+    model = load_model(write_checkpoint(str(tmp_path / "fdllm2"), "fast_dllm_v2", bd_size=4, seed=3))
+    cache = build_cache("block", cuda_graphs=False)
+    runs = []
+    update = cache.update
+    cache.update = lambda i, pos, k, v: (runs.append(pos.tolist()) if i == 0 else None, update(i, pos, k, v))[1]
+    batch = prompts(4, 8, 12, seed=5)  # whole blocks: the answer starts a block, column 0 is never a target
+    a = run(model, batch, cache, stops=(), gen_length=8, num_transfer_tokens=1)
+    b = run(model, batch, "none", stops=(), gen_length=8, num_transfer_tokens=1)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe) and a.steps == b.steps == 8
+    assert runs == [list(range(0, 16)), *[list(range(11, 16))] * 3,  # prefill + block 12..15, then row 11 with it
+                    list(range(12, 20)), *[list(range(15, 20))] * 3]  # block 12..15 rewritten entering 16..19
