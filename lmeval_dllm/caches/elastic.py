@@ -192,6 +192,9 @@ class ElasticCache(Cache):
         self.no_rows = RowSubset(torch.zeros(B, 0, dtype=torch.long, device=device),
                                  torch.zeros(B, 0, dtype=torch.bool, device=device), T)
         self._first = True
+        # this call's step counts, read by benchmarks: steps after the first that refreshed (from which layer
+        # on: the sum of the layers rerun), and all steps after the first (host ints; no extra sync)
+        self.refresh_steps = self.refreshed_layers = self.cached_steps = 0
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -217,7 +220,10 @@ class ElasticCache(Cache):
                                                    lambda x, act, c, *m: self._rows(model, x, act, m, c, L_span),
                                                    state.x, active, first_col, *mask)
             first = int(start.min())  # the step's one host read: the layer the refresh starts at (L: none)
+            self.cached_steps += 1
             if first < L:
+                self.refresh_steps += 1
+                self.refreshed_layers += L - first
                 # The refresh graph may have been captured before this one in the shared pool (the call's first
                 # pass is a full one): its replay may reuse the memory of this graph's outputs, so keep copies.
                 logits, fresh, start = logits.clone(), fresh.clone(), start.clone()
