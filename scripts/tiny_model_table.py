@@ -33,6 +33,10 @@ SETTINGS = {
     "threshold_0.9_vicinity": "threshold=0.9,cache=vicinity,prefix_look=16,after_look=16,warmup_steps=4",
     "prophet": "strategy=prophet",  # Prophet early commit, the release's gap thresholds 7.5/5.0/2.5
     "prophet_start_0": "strategy=prophet,answer_start=0",  # its gap read over the answer's first 5 tokens
+    # the approximate caches of issue 16 at their releases' defaults, beside threshold_0.9_dual
+    "threshold_0.9_dkv": "threshold=0.9,cache=dkv",  # dKV-Cache-Decode, cache_reloading_step 8
+    "threshold_0.9_elastic": "threshold=0.9,cache=elastic",  # Elastic-Cache, gamma 0.9, window 16
+    "threshold_0.9_sparse": "threshold=0.9,cache=sparse",  # Sparse-dLLM, keep_ratio 0.5, kernel 3, delay 1
 }
 
 

@@ -151,7 +151,11 @@ def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
         eager2, _ = decode(model, strategy, build_cache(name, cuda_graphs=False, **kw), second)
         assert torch.equal(decode(model, strategy, cache, second)[0], eager2), (name, kw)
         assert torch.equal(decode(model, strategy, cache, first)[0], graphed), (name, kw)
-        if kw.get("refresh_interval") == 1 or kw.get("kp") == kw.get("kr") == 1 or name in ("none", "block") or \
+        # Refreshed every step, a cache computes what no cache does for the columns it returns; elastic returns its
+        # window of masks only, so prophet's answer gap (which reads decoded columns too) keeps older values there
+        # and may exit at another pass (prophet.py; seen on the llada2 shape, H200)
+        exact = kw.get("refresh_interval") == 1 and not (name == "elastic" and strategy == "prophet")
+        if exact or kw.get("kp") == kw.get("kr") == 1 or name in ("none", "block") or \
                 kw == {"cache_reloading_step": 1}:
             assert torch.equal(eager, reference), (name, kw)
 

@@ -64,6 +64,14 @@ def test_the_bundled_matrices_parse():
     assert [c.model.pretrained for c in full.cells() if c.kind == "ar"] == [
         "meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct",
         "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct"]
+    wave = load_matrix(os.path.join(os.path.dirname(__file__), "..", "examples", "leaderboard_next_wave.yaml"))
+    cells = [(c.strategy.name, c.cache.name, c.model_args()) for c in wave.cells()][:11]
+    assert len(wave.cells()) == 22 and [label for label, _, _ in cells] == [
+        "vanilla", *["threshold=0.9"] * 6, "credit", "hierarchy low_threshold=0.5", "hierarchy low_threshold=0.7",
+        "prophet"]
+    assert cells[3][2] == {"pretrained": "GSAI-ML/LLaDA-8B-Instruct", "strategy": "vanilla", "cache": "vicinity",
+                           "threshold": 0.9, "prefix_look": 16, "after_look": 16, "warmup_steps": 4}
+    assert [cache for _, cache, _ in cells[1:7]] == ["none", "dual", "vicinity", "elastic", "dkv", "sparse"]
 
 
 @pytest.mark.parametrize("text, message", [
