@@ -31,7 +31,7 @@ Fields the release does not read (``norm_head``, ``router_dtype``, ``moe_router_
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, swiglu_names
+from lmeval_dllm.models.loading import Slot, hf_model_args, swiglu_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -86,20 +86,15 @@ def parse_config(cfg: dict) -> ModelArgs:
         unsupported("moe_shared_expert_intermediate_size",
                     f"moe_intermediate_size * num_shared_experts = {shared_size} (the release's shared expert)")
     first_dense = int(cfg.get("first_k_dense_replace") or 0)
-    return ModelArgs(
+    # intermediate_size is the MLP of the first_k_dense_replace dense layers
+    return hf_model_args(
+        cfg,
         family="llada2",
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        intermediate_size=cfg["intermediate_size"],  # the first_k_dense_replace dense layers' MLP
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_position=16384,
         qkv_bias=bool(cfg.get("use_qkv_bias", False)),
         rope_fp32=False,  # HF's: cos/sin cast to the model dtype, rotation in the model dtype
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 16384)),
         mask_token_id=int(cfg.get("mask_token_id") or MASK_TOKEN_ID),
         eos_token_id=cfg.get("eos_token_id", EOS_TOKEN_ID),
         pad_token_id=cfg.get("pad_token_id", EOS_TOKEN_ID),

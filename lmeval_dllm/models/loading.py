@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+from lmeval_dllm.models.transformer import ModelArgs
 
 if TYPE_CHECKING:
     from lmeval_dllm.models.transformer import DiffusionLM
@@ -27,6 +29,33 @@ class Slot:
     part: int = 0  # index among the tensors concatenated (dim 0) into `name`
     parts: int = 1
     rows: int = 0  # rows of this piece when fused (parts > 1)
+
+
+def hf_model_args(cfg: dict, *, family: str, rope_theta: float, norm_eps: float = 1e-6, max_position: int = 32768,
+                  **fields: Any) -> ModelArgs:
+    """:class:`ModelArgs` from the config.json keys every HF Llama / Qwen-layout checkpoint names alike
+    (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (absent or null: as
+    many as the query heads), ``intermediate_size``, ``vocab_size``, ``rope_theta``, ``rms_norm_eps``,
+    ``tie_word_embeddings`` (absent: untied), ``max_position_embeddings``).
+
+    ``rope_theta``, ``norm_eps`` and ``max_position`` are the family's defaults for an absent key (its config
+    class's); ``fields`` are the family's own :class:`ModelArgs` fields (q/k/v bias, token ids, logit shift ...).
+    The family checks config.json before calling this, with messages that name it."""
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return ModelArgs(
+        family=family,
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        rope_theta=float(cfg.get("rope_theta", rope_theta)),
+        norm_eps=float(cfg.get("rms_norm_eps", norm_eps)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", max_position)),
+        **fields,
+    )
 
 
 def hf_decoder_names(args, *, qkv_bias: bool) -> dict[str, Slot]:
