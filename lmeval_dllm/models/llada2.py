@@ -31,7 +31,7 @@ Fields the release does not read (``norm_head``, ``router_dtype``, ``moe_router_
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_model_args, swiglu_names
+from lmeval_dllm.models.loading import Slot, hf_model_args, moe_mlp_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -126,7 +126,6 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
     """{official checkpoint name: where it goes in our module}: the release's names, fused q/k/v as one tensor
     ([q heads; k heads; v heads] along dim 0, our ``wqkv`` layout), per layer the dense MLP or the router with its
     bias, the stacked experts and the shared expert."""
-    moe = args.moe
     names = {"model.word_embeddings.weight": Slot("tok_embeddings.weight"), "model.norm.weight": Slot("norm.weight")}
     if not args.tie_embeddings:
         names["lm_head.weight"] = Slot("output.weight")
@@ -146,20 +145,7 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
         if args.qk_norm:
             names[f"{attn}query_layernorm.weight"] = Slot(f"{dst}q_norm.weight")
             names[f"{attn}key_layernorm.weight"] = Slot(f"{dst}k_norm.weight")
-        if not moe.layers[i]:
-            names.update(swiglu_names(f"{src}mlp.", f"{dst}w13.weight", f"{dst}w2.weight", args.intermediate_size))
-            continue
-        E, inter = moe.num_experts, moe.expert_intermediate_size
-        names[f"{src}mlp.gate.weight"] = Slot(f"{dst}moe.gate.weight")
-        names[f"{src}mlp.gate.expert_bias"] = Slot(f"{dst}moe.expert_bias")
-        for e in range(E):  # stacked along dim 0: w13 = [gate_0; up_0; gate_1; ...], w2 = [down_0; down_1; ...]
-            expert = f"{src}mlp.experts.{e}."
-            names[f"{expert}gate_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e, 2 * E, inter)
-            names[f"{expert}up_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e + 1, 2 * E, inter)
-            names[f"{expert}down_proj.weight"] = Slot(f"{dst}moe.w2", e, E, args.dim)
-        if moe.shared_intermediate_size:
-            names.update(swiglu_names(f"{src}mlp.shared_experts.", f"{dst}moe.shared_w13.weight",
-                                      f"{dst}moe.shared_w2.weight", moe.shared_intermediate_size))
+        names.update(moe_mlp_names(args, i, shared="mlp.shared_experts."))
     return names
 
 

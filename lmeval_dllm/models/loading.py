@@ -86,6 +86,31 @@ def swiglu_names(src: str, w13: str, w2: str, rows: int) -> dict[str, Slot]:
             f"{src}down_proj.weight": Slot(w2)}
 
 
+def moe_mlp_names(args: ModelArgs, i: int, *, shared: str) -> dict[str, Slot]:
+    """{official name: Slot} of layer ``i``'s MLP in the HF MoE layout LLaDA-MoE and LLaDA2 share: the dense SwiGLU
+    (``mlp.``) where ``args.moe.layers[i]`` is False; otherwise the router ``mlp.gate.weight`` (and its
+    ``mlp.gate.expert_bias`` when ``args.moe.expert_bias``), the experts ``mlp.experts.E.*_proj`` stacked along
+    dim 0 into ``moe.w13`` ([gate_0; up_0; gate_1; ...]) and ``moe.w2`` ([down_0; down_1; ...]), and the shared
+    expert, when there is one, under the family's prefix ``shared`` (relative to the layer)."""
+    moe = args.moe
+    src, dst = f"model.layers.{i}.", f"layers.{i}."
+    if not moe.layers[i]:
+        return swiglu_names(f"{src}mlp.", f"{dst}w13.weight", f"{dst}w2.weight", args.intermediate_size)
+    E, inter = moe.num_experts, moe.expert_intermediate_size
+    names = {f"{src}mlp.gate.weight": Slot(f"{dst}moe.gate.weight")}
+    if moe.expert_bias:
+        names[f"{src}mlp.gate.expert_bias"] = Slot(f"{dst}moe.expert_bias")
+    for e in range(E):
+        expert = f"{src}mlp.experts.{e}."
+        names[f"{expert}gate_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e, 2 * E, inter)
+        names[f"{expert}up_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e + 1, 2 * E, inter)
+        names[f"{expert}down_proj.weight"] = Slot(f"{dst}moe.w2", e, E, args.dim)
+    if moe.shared_intermediate_size:
+        names.update(swiglu_names(f"{src}{shared}", f"{dst}moe.shared_w13.weight", f"{dst}moe.shared_w2.weight",
+                                  moe.shared_intermediate_size))
+    return names
+
+
 def resolve_checkpoint_dir(pretrained: str, revision: Optional[str] = None) -> str:
     """A local directory as is; otherwise a hub id, fetched (config, weights) into the HF cache."""
     if os.path.isdir(pretrained):
