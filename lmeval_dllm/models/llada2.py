@@ -31,7 +31,7 @@ Fields the release does not read (``norm_head``, ``router_dtype``, ``moe_router_
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_model_args, moe_mlp_names
+from lmeval_dllm.models.loading import Slot, config_checks, hf_model_args, moe_mlp_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -43,14 +43,7 @@ _NEEDED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_siz
 
 
 def parse_config(cfg: dict) -> ModelArgs:
-    missing = [k for k in _NEEDED if cfg.get(k) is None]
-    if missing:
-        raise ValueError(f"LLaDA2 config.json (architectures {cfg.get('architectures')}) lacks "
-                         f"{', '.join(missing)}; an LLaDA2MoeModelLM config has {', '.join(_NEEDED)}")
-
-    def unsupported(key: str, allowed: str):
-        raise ValueError(f"LLaDA2 config.json has {key}={cfg[key]!r}; only {allowed} is supported")
-
+    unsupported = config_checks(cfg, _NEEDED, label="LLaDA2", architecture="LLaDA2MoeModelLM", null_is_missing=True)
     if cfg.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "'silu'")
     if cfg.get("score_function", "sigmoid") not in (None, "sigmoid"):

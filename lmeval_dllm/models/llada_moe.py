@@ -20,7 +20,7 @@ Release details reproduced here (``modeling_lladamoe.py``):
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_decoder_names, moe_mlp_names
+from lmeval_dllm.models.loading import Slot, config_checks, hf_decoder_names, moe_mlp_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -32,14 +32,7 @@ _NEEDED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_siz
 
 
 def parse_config(cfg: dict) -> ModelArgs:
-    missing = [k for k in _NEEDED if k not in cfg]
-    if missing:
-        raise ValueError(f"LLaDA-MoE config.json (architectures {cfg.get('architectures')}) lacks "
-                         f"{', '.join(missing)}; an LLaDAMoEModelLM config has {', '.join(_NEEDED)}")
-
-    def unsupported(key: str, allowed: str):
-        raise ValueError(f"LLaDA-MoE config.json has {key}={cfg[key]!r}; only {allowed} is supported")
-
+    unsupported = config_checks(cfg, _NEEDED, label="LLaDA-MoE", architecture="LLaDAMoEModelLM")
     if cfg.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "'silu'")
     if cfg.get("moe_router_score_function", "softmax") not in (None, "softmax"):

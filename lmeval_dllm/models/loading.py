@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import torch
 
@@ -29,6 +29,23 @@ class Slot:
     part: int = 0  # index among the tensors concatenated (dim 0) into `name`
     parts: int = 1
     rows: int = 0  # rows of this piece when fused (parts > 1)
+
+
+def config_checks(cfg: dict, needed: tuple[str, ...], *, label: str, architecture: str,
+                  null_is_missing: bool = False) -> Callable[[str, str], NoReturn]:
+    """Check that config.json has every key of ``needed`` (``null_is_missing``: a null value counts as absent),
+    else raise an error naming the family (``label``: "SDAR"), the config's architectures, the missing keys and
+    what an ``architecture`` config has; return ``unsupported(key, allowed)``, which raises the error of a key
+    whose value the family does not reproduce, naming the key, its value and what is allowed."""
+    missing = [k for k in needed if (cfg.get(k) is None if null_is_missing else k not in cfg)]
+    if missing:
+        raise ValueError(f"{label} config.json (architectures {cfg.get('architectures')}) lacks "
+                         f"{', '.join(missing)}; an {architecture} config has {', '.join(needed)}")
+
+    def unsupported(key: str, allowed: str) -> NoReturn:
+        raise ValueError(f"{label} config.json has {key}={cfg[key]!r}; only {allowed} is supported")
+
+    return unsupported
 
 
 def hf_model_args(cfg: dict, *, family: str, rope_theta: float, norm_eps: float = 1e-6, max_position: int = 32768,

@@ -21,7 +21,7 @@ over blocks counted from position 0 (the mask of :func:`~lmeval_dllm.models.tran
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_decoder_names, hf_model_args, swiglu_names
+from lmeval_dllm.models.loading import Slot, config_checks, hf_decoder_names, hf_model_args, swiglu_names
 from lmeval_dllm.models.transformer import ModelArgs
 
 MASK_TOKEN_ID = 151669  # <|MASK|> (config.json mask_token_id)
@@ -32,14 +32,7 @@ _NEEDED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermedi
 
 
 def parse_config(cfg: dict) -> ModelArgs:
-    missing = [k for k in _NEEDED if k not in cfg]
-    if missing:
-        raise ValueError(f"SDAR config.json (architectures {cfg.get('architectures')}) lacks {', '.join(missing)}; "
-                         f"an SDARForCausalLM config has {', '.join(_NEEDED)}")
-
-    def unsupported(key: str, allowed: str):
-        raise ValueError(f"SDAR config.json has {key}={cfg[key]!r}; only {allowed} is supported")
-
+    unsupported = config_checks(cfg, _NEEDED, label="SDAR", architecture="SDARForCausalLM")
     if cfg.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "'silu'")
     if cfg.get("attention_bias"):
