@@ -1,8 +1,21 @@
-"""Left-padded prompt batches for tests that decode several prompts at once (a plain module: tests import it)."""
+"""Left-padded prompt batches for tests that decode several prompts at once, the tiny checkpoints they decode with,
+and the seam check that a batch decodes each row as its prompt alone (a plain module: tests import it)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(directory: str):
+    """(model, tokenizer) of a tiny checkpoint, loaded once per session."""
+    from transformers import AutoTokenizer
+
+    from lmeval_dllm.models import load_model
+
+    return load_model(directory), AutoTokenizer.from_pretrained(directory)
 
 
 def pad_left(pad_token_id: int, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,3 +30,13 @@ def left_pad(tok, prompts: list[str]):
     """Each prompt's token ids (no special tokens), and the left-padded batch (ids (B, P), mask (B, P))."""
     enc = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     return (enc, *pad_left(tok.pad_token_id, enc))
+
+
+def assert_each_row_as_alone(batch, encoded: list[list[int]], run_alone, label=None) -> None:
+    """Each row i of ``batch`` (the output of decoding the left-padded ``encoded``) has exactly the tokens and the
+    NFE of ``run_alone(ids)``, its prompt decoded alone (ids (1, P_i), no padding); ``label`` names the case in a
+    failure."""
+    for i, e in enumerate(encoded):
+        alone = run_alone(torch.tensor([e]))
+        assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), (label, i)
+        assert alone.nfe[0] == batch.nfe[i], (label, i)

@@ -3,12 +3,11 @@ threshold rule, mask-token proposals, the block reset; then through the decode l
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-from batches import left_pad
+from batches import assert_each_row_as_alone, left_pad, tiny
 from samplers_support import MASK, peaked, state_with
 
 from lmeval_dllm.caches import build_cache
@@ -103,15 +102,6 @@ def test_invalid_parameters(kw, msg):
         sampler(**kw)
 
 
-@functools.lru_cache(maxsize=None)
-def tiny(directory: str):
-    from transformers import AutoTokenizer
-
-    from lmeval_dllm.models import load_model
-
-    return load_model(directory), AutoTokenizer.from_pretrained(directory)
-
-
 def run(model, ids, mask, cache=None, **kw):
     return generate(model, ids, mask, sampler(**kw), GenerationConfig(16, 8), stop_token_ids=torch.tensor([999]),
                     cache=build_cache(*cache) if cache else None)
@@ -125,7 +115,4 @@ def test_batch_equals_each_prompt_alone(tiny_dir, cache):
     batch = run(model, ids, mask, cache, **kw)
     assert (batch.tokens != model.mask_token_id).all()
     assert (batch.nfe < 16).any()  # several tokens per step somewhere
-    for i, e in enumerate(enc):
-        alone = run(model, torch.tensor([e]), None, cache, **kw)
-        assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), (cache, i)
-        assert alone.nfe[0] == batch.nfe[i]
+    assert_each_row_as_alone(batch, enc, lambda x: run(model, x, None, cache, **kw), cache)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from batches import left_pad
+from batches import assert_each_row_as_alone, left_pad, tiny
 from samplers_support import MASK, entropy_of_peaked, peaked, state_with
 
 from lmeval_dllm.caches import CACHES, build_cache
@@ -208,15 +208,6 @@ def test_remasking_and_alg_are_refused_and_early_stop_needs_an_eos():
 # Through the decode loop, on the tiny checkpoints
 
 
-@functools.lru_cache(maxsize=None)
-def tiny(directory: str):
-    from transformers import AutoTokenizer
-
-    from lmeval_dllm.models import load_model
-
-    return load_model(directory), AutoTokenizer.from_pretrained(directory)
-
-
 # Blocks overlap with these; the threshold is the model's median first-pass entropy (the tiny random models' are
 # 4.5 to 5.5 nats), so some positions of a pass commit and some wait.
 PARALLEL = {"threshold": "median", "block_add_threshold": 0.25, "decoded_token_threshold": 0.5}
@@ -285,10 +276,8 @@ def test_batch_equals_each_prompt_alone_with_every_cache(tiny_dir, cache):
     eos = int(run(model, ids, mask, **PARALLEL).tokens[1, 6])
     batch = run(model, ids, mask, cache, eos=eos, early_stop=True, **PARALLEL)
     assert (batch.nfe < 16).all()
-    for i, e in enumerate(enc):
-        alone = run(model, torch.tensor([e]), None, cache, eos=eos, early_stop=True, **PARALLEL)
-        assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), (cache, i)
-        assert alone.nfe[0] == batch.nfe[i], (cache, i)
+    assert_each_row_as_alone(batch, enc, lambda x: run(model, x, None, cache, eos=eos, early_stop=True, **PARALLEL),
+                             cache)
 
 
 @pytest.mark.parametrize("cache", [("prefix", {"refresh_interval": 1}), ("dual", {"refresh_interval": 1}),

@@ -8,13 +8,10 @@ docs/models.md has the figures."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from models_support import official
 
 from lmeval_dllm.models import family_for, load_model, transformer
 from lmeval_dllm.models.fast_dllm_v2 import parse_config
@@ -55,16 +52,6 @@ def tied_dir(tmp_path_factory) -> str:
 def untied_dir(tmp_path_factory) -> str:
     return write_checkpoint(str(tmp_path_factory.mktemp("tiny-fdllm2-untied")), "fast_dllm_v2", seed=1,
                             tie_word_embeddings=False, num_hidden_layers=3)
-
-
-def official(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in glob.glob(os.path.join(directory, "*.safetensors")):
-        tensors.update(load_file(path))
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f), tensors
 
 
 def block_causal_mask(T: int, block: int) -> torch.Tensor:

@@ -3,11 +3,9 @@ everything above threshold, the block's best in any case; on hand-built logits, 
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from batches import left_pad
+from batches import assert_each_row_as_alone, left_pad, tiny
 from samplers_support import MASK, peaked, state_with
 
 from lmeval_dllm.caches import build_cache
@@ -16,15 +14,6 @@ from lmeval_dllm.samplers import Proposal, build_sampler
 from lmeval_dllm.samplers.hierarchy import run_best
 
 PROMPTS = ["What is 12+30?", "Hi", "A longer prompt, with punctuation!"]
-
-
-@functools.lru_cache(maxsize=None)
-def tiny(directory: str):
-    from transformers import AutoTokenizer
-
-    from lmeval_dllm.models import load_model
-
-    return load_model(directory), AutoTokenizer.from_pretrained(directory)
 
 
 def sampler(**kw):
@@ -109,7 +98,4 @@ def test_batch_equals_each_prompt_alone(tiny_dir, cache):
     batch = run(model, ids, mask, cache, **kw)
     assert (batch.tokens != model.mask_token_id).all()
     assert (batch.nfe < 16).any()  # several tokens per step somewhere: the rule is exercised
-    for i, e in enumerate(enc):
-        alone = run(model, torch.tensor([e]), None, cache, **kw)
-        assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), (cache, i)
-        assert alone.nfe[0] == batch.nfe[i]
+    assert_each_row_as_alone(batch, enc, lambda x: run(model, x, None, cache, **kw), cache)

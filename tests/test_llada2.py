@@ -10,14 +10,13 @@ The logits were also compared with the release's own ``modeling_llada2_moe.py``,
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from models_support import official, rms_norm, rope_tables, rotate, swiglu
 
 from lmeval_dllm.generate import GenerationConfig, generate
 from lmeval_dllm.models import family_for, load_model
@@ -45,16 +44,6 @@ MINI = {
 def ckpt(tmp_path_factory) -> str:
     # the default tiny config: a dense first layer, 16 experts in 4 groups (2 kept), top 4, a shared expert
     return write_checkpoint(str(tmp_path_factory.mktemp("tiny-llada2")), "llada2", seed=1)
-
-
-def official(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in glob.glob(os.path.join(directory, "*.safetensors")):
-        tensors.update(load_file(path))
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f), tensors
 
 
 def test_mini_config_parses_to_exact_args():
@@ -240,40 +229,31 @@ def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor, a
     H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     Dh = D // H
     R = int(Dh * cfg["partial_rotary_factor"])
-    eps = cfg["rms_norm_eps"]
+    norm = partial(rms_norm, eps=cfg["rms_norm_eps"])
+    mlp = partial(swiglu, w)
     E, k, G, TG = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["n_group"], cfg["topk_group"]
 
-    def norm(x, weight):
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-    def swiglu(x, p):
-        return F.silu(x @ w[p + "gate_proj.weight"].T) * (x @ w[p + "up_proj.weight"].T) @ w[p + "down_proj.weight"].T
-
-    def rotate(x, cos, sin):
-        rot, rest = x[..., :R], x[..., R:]
-        rot = rot * cos + torch.cat((-rot[..., R // 2:], rot[..., :R // 2]), -1) * sin
-        return torch.cat((rot, rest), -1)
+    def rope(x, cos, sin):
+        return torch.cat((rotate(x[..., :R], cos, sin), x[..., R:]), -1)  # the first R dims rotated
 
     B, T = ids.shape
-    inv_freq = 1.0 / cfg["rope_theta"] ** (torch.arange(0, R, 2).float() / R)
-    freqs = torch.arange(T).float()[:, None] * inv_freq
-    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    cos, sin = rope_tables(cfg["rope_theta"], R, T)
     h = w["model.word_embeddings.weight"][ids]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         x = norm(h, w[p + "input_layernorm.weight"])
         q, kk, v = (x @ w[p + "attention.query_key_value.weight"].T).view(B, T, H + 2 * Hkv, Dh).split([H, Hkv, Hkv], 2)
         q, kk = norm(q, w[p + "attention.query_layernorm.weight"]), norm(kk, w[p + "attention.key_layernorm.weight"])
-        q, kk, v = rotate(q.transpose(1, 2), cos, sin), rotate(kk.transpose(1, 2), cos, sin), v.transpose(1, 2)
+        q, kk, v = rope(q.transpose(1, 2), cos, sin), rope(kk.transpose(1, 2), cos, sin), v.transpose(1, 2)
         kk, v = kk.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
         scores = (q @ kk.transpose(-1, -2) / Dh ** 0.5).masked_fill(~allow, float("-inf"))
         att = torch.softmax(scores, -1) @ v
         h = h + att.transpose(1, 2).reshape(B, T, -1) @ w[p + "attention.dense.weight"].T
         x = norm(h, w[p + "post_attention_layernorm.weight"])
         if i < cfg["first_k_dense_replace"]:
-            h = h + swiglu(x, p + "mlp.")
+            h = h + mlp(x, p + "mlp.")
             continue
-        out = swiglu(x, p + "mlp.shared_experts.")
+        out = mlp(x, p + "mlp.shared_experts.")
         for b in range(B):
             for t in range(T):
                 s = torch.sigmoid(x[b, t] @ w[p + "mlp.gate.weight"].T)  # (E,)
@@ -284,7 +264,7 @@ def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor, a
                 chosen = sorted(allowed, key=lambda e: -biased[e].item())[:k]
                 weight = s[chosen] / s[chosen].sum() * cfg["routed_scaling_factor"]
                 for j, e in enumerate(chosen):
-                    out[b, t] += weight[j] * swiglu(x[b, t], f"{p}mlp.experts.{e}.")
+                    out[b, t] += weight[j] * mlp(x[b, t], f"{p}mlp.experts.{e}.")
         h = h + out
     return norm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
 

@@ -8,13 +8,11 @@ committed): docs/models.md has the figures."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
+from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
+from models_support import official, rms_norm, rope_tables, rotate, swiglu
 
 from lmeval_dllm.caches import build_cache, check_compatible
 from lmeval_dllm.generate import GenerationConfig, generate
@@ -32,37 +30,15 @@ def moe_dir(tmp_path_factory) -> str:
                             moe_layer_freq=[0, 1, 1], shared_expert_intermediate_size=48, num_key_value_heads=2)
 
 
-def official(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in glob.glob(os.path.join(directory, "*.safetensors")):
-        tensors.update(load_file(path))
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f), tensors
-
-
 def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """The release's forward (modeling_lladamoe.py), written densely from the official tensors: every expert runs
     every token and the top-k (softmax, not renormalised) weights pick the sum."""
     H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     Dh = cfg["hidden_size"] // H
-    eps = cfg["rms_norm_eps"]
-
-    def norm(x, weight):
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-    def swiglu(x, p):
-        return F.silu(x @ w[p + "gate_proj.weight"].T) * (x @ w[p + "up_proj.weight"].T) @ w[p + "down_proj.weight"].T
-
-    def rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
+    norm = partial(rms_norm, eps=cfg["rms_norm_eps"])
+    mlp = partial(swiglu, w)
     B, T = ids.shape
-    inv_freq = 1.0 / cfg["rope_theta"] ** (torch.arange(0, Dh, 2).float() / Dh)
-    freqs = torch.arange(T).float()[:, None] * inv_freq
-    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    cos, sin = rope_tables(cfg["rope_theta"], Dh, T)
     h = w["model.embed_tokens.weight"][ids]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -76,13 +52,13 @@ def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor) -
         h = h + att.transpose(1, 2).reshape(B, T, -1) @ w[p + "self_attn.o_proj.weight"].T
         x = norm(h, w[p + "post_attention_layernorm.weight"])
         if cfg["moe_layer_freq"][i] == 0:
-            h = h + swiglu(x, p + "mlp.")
+            h = h + mlp(x, p + "mlp.")
             continue
         probs = torch.softmax(x @ w[p + "mlp.gate.weight"].T, -1)  # (B, T, E)
         top, chosen = probs.topk(cfg["num_experts_per_tok"], -1)
         weight = torch.zeros_like(probs).scatter(-1, chosen, top)  # (B, T, E): the top-k probabilities, else 0
-        every = torch.stack([swiglu(x, f"{p}mlp.experts.{e}.") for e in range(cfg["num_experts"])], -2)  # (B,T,E,D)
-        h = h + (weight[..., None] * every).sum(-2) + swiglu(x, p + "shared_expert.")
+        every = torch.stack([mlp(x, f"{p}mlp.experts.{e}.") for e in range(cfg["num_experts"])], -2)  # (B,T,E,D)
+        h = h + (weight[..., None] * every).sum(-2) + mlp(x, p + "shared_expert.")
     return norm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 

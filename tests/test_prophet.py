@@ -4,11 +4,9 @@ through the decode loop on the tiny checkpoints with every cache."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
-from batches import left_pad
+from batches import assert_each_row_as_alone, left_pad, tiny
 from samplers_support import MASK, state_with
 
 from lmeval_dllm.caches import CACHES, build_cache
@@ -203,15 +201,6 @@ def test_answer_region_outside_the_generation_is_refused_before_any_model_work()
 # Through the decode loop, on the tiny checkpoints
 
 
-@functools.lru_cache(maxsize=None)
-def tiny(directory: str):
-    from transformers import AutoTokenizer
-
-    from lmeval_dllm.models import load_model
-
-    return load_model(directory), AutoTokenizer.from_pretrained(directory)
-
-
 # The tiny random models' answer gaps are 0.1 to 1.5 logits: these thresholds exit in every phase.
 EXITING = {"early_threshold": 1.2, "mid_threshold": 0.6, "late_threshold": 0.2, "answer_start": 6}
 NEVER = {"early_threshold": 1e9, "mid_threshold": 1e9, "late_threshold": 1e9}
@@ -261,10 +250,7 @@ def test_batch_equals_each_prompt_alone_with_every_cache(tiny_dir, cache):
     batch = run(model, ids, mask, cache, **EXITING)
     assert (batch.tokens != model.mask_token_id).all()
     assert (batch.nfe < 16).any()  # some row went all in
-    for i, e in enumerate(enc):
-        alone = run(model, torch.tensor([e]), None, cache, **EXITING)
-        assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), (cache, i)
-        assert alone.nfe[0] == batch.nfe[i], (cache, i)
+    assert_each_row_as_alone(batch, enc, lambda x: run(model, x, None, cache, **EXITING), cache)
 
 
 @pytest.mark.parametrize("cache", [("prefix", {"refresh_interval": 1}), ("dual", {"refresh_interval": 1}),

@@ -12,14 +12,12 @@ The logits and greedy tokens were also compared with the release's own ``modelin
 
 from __future__ import annotations
 
-import glob
-import json
-import os
+from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 from batches import pad_left
+from models_support import official, rms_norm, rope_tables, rotate, swiglu
 
 from lmeval_dllm.caches import CACHES, build_cache
 from lmeval_dllm.caches.block import BlockCache
@@ -45,34 +43,14 @@ def sdar_model(sdar_dir):
     return load_model(sdar_dir)
 
 
-def official(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for path in glob.glob(os.path.join(directory, "*.safetensors")):
-        tensors.update(load_file(path))
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f), tensors
-
-
 def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """modeling_sdar.py's inference forward for one unpadded row at positions 0..T-1, written from the official
     tensors: Qwen3 layers (q/k RMSNorm over head_dim before RoPE, GQA, head_dim from config.json) under the
     release generate.py's block-lower-triangular mask."""
     H, Hkv, Dh, bs = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"], cfg["block_size"]
-    eps = cfg["rms_norm_eps"]
-
-    def norm(x, weight):
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-    def rotate(x, cos, sin):
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
+    norm = partial(rms_norm, eps=cfg["rms_norm_eps"])
     B, T = ids.shape
-    inv_freq = 1.0 / cfg["rope_theta"] ** (torch.arange(0, Dh, 2).float() / Dh)
-    freqs = torch.arange(T).float()[:, None] * inv_freq
-    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    cos, sin = rope_tables(cfg["rope_theta"], Dh, T)
     blocks = torch.arange(T) // bs
     allowed = blocks[None, :] <= blocks[:, None]  # (T, T): key block <= query block
     h = w["model.embed_tokens.weight"][ids]
@@ -88,8 +66,7 @@ def reference_logits(cfg: dict, w: dict[str, torch.Tensor], ids: torch.Tensor) -
         att = torch.softmax(scores, -1) @ v
         h = h + att.transpose(1, 2).reshape(B, T, -1) @ w[p + "self_attn.o_proj.weight"].T
         x = norm(h, w[p + "post_attention_layernorm.weight"])
-        gate, up = x @ w[p + "mlp.gate_proj.weight"].T, x @ w[p + "mlp.up_proj.weight"].T
-        h = h + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+        h = h + swiglu(w, x, p + "mlp.")
     return norm(h, w["model.norm.weight"]) @ w["lm_head.weight"].T
 
 

@@ -10,7 +10,7 @@ Architecture and names follow the official ``modeling_dream.py`` (Qwen2: q/k/v b
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_decoder_names, swiglu_names
+from lmeval_dllm.models.loading import Slot, hf_decoder_names, hf_model_args, swiglu_names
 from lmeval_dllm.models.transformer import ModelArgs
 
 
@@ -21,21 +21,12 @@ def parse_config(cfg: dict) -> ModelArgs:
         raise ValueError(f"Dream config.json has rope_scaling={cfg['rope_scaling']!r}; only plain RoPE is supported")
     if cfg.get("use_sliding_window"):
         raise ValueError("Dream config.json has use_sliding_window=true; only full attention is supported")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    return ModelArgs(
+    return hf_model_args(
+        cfg,
         family="dream",
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=10000.0,
         qkv_bias=True,
         rope_fp32=False,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 32768)),
         mask_token_id=int(cfg.get("mask_token_id", 151666)),
         eos_token_id=cfg.get("eos_token_id", 151643),
         pad_token_id=cfg.get("pad_token_id", 151643),

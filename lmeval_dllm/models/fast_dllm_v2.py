@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from lmeval_dllm.models import dream
 from lmeval_dllm.models.family import Family, TinyTokenizer
+from lmeval_dllm.models.loading import hf_model_args
 from lmeval_dllm.models.transformer import ModelArgs
 
 MASK_TOKEN = "|<MASK>|"
@@ -62,20 +63,12 @@ def parse_config(cfg: dict) -> ModelArgs:
     block_size = cfg.get("bd_size", BLOCK_SIZE)
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"Fast-dLLM v2 config.json has bd_size={block_size!r}; expected a positive integer")
-    return ModelArgs(
+    return hf_model_args(
+        cfg,
         family="fast_dllm_v2",
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=10000.0,
         qkv_bias=True,
         rope_fp32=False,  # HF Qwen2: cos/sin cast to the model dtype, q/k rotated in it
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 32768)),
         mask_token_id=int(cfg.get("mask_token_id", MASK_TOKEN_ID)),
         eos_token_id=cfg.get("eos_token_id", 151645),
         pad_token_id=cfg.get("pad_token_id", 151645),

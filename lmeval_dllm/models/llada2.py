@@ -31,7 +31,7 @@ Fields the release does not read (``norm_head``, ``router_dtype``, ``moe_router_
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, swiglu_names
+from lmeval_dllm.models.loading import Slot, config_checks, hf_model_args, moe_mlp_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -43,14 +43,7 @@ _NEEDED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_siz
 
 
 def parse_config(cfg: dict) -> ModelArgs:
-    missing = [k for k in _NEEDED if cfg.get(k) is None]
-    if missing:
-        raise ValueError(f"LLaDA2 config.json (architectures {cfg.get('architectures')}) lacks "
-                         f"{', '.join(missing)}; an LLaDA2MoeModelLM config has {', '.join(_NEEDED)}")
-
-    def unsupported(key: str, allowed: str):
-        raise ValueError(f"LLaDA2 config.json has {key}={cfg[key]!r}; only {allowed} is supported")
-
+    unsupported = config_checks(cfg, _NEEDED, label="LLaDA2", architecture="LLaDA2MoeModelLM", null_is_missing=True)
     if cfg.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "'silu'")
     if cfg.get("score_function", "sigmoid") not in (None, "sigmoid"):
@@ -86,20 +79,15 @@ def parse_config(cfg: dict) -> ModelArgs:
         unsupported("moe_shared_expert_intermediate_size",
                     f"moe_intermediate_size * num_shared_experts = {shared_size} (the release's shared expert)")
     first_dense = int(cfg.get("first_k_dense_replace") or 0)
-    return ModelArgs(
+    # intermediate_size is the MLP of the first_k_dense_replace dense layers
+    return hf_model_args(
+        cfg,
         family="llada2",
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        intermediate_size=cfg["intermediate_size"],  # the first_k_dense_replace dense layers' MLP
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        max_position=16384,
         qkv_bias=bool(cfg.get("use_qkv_bias", False)),
         rope_fp32=False,  # HF's: cos/sin cast to the model dtype, rotation in the model dtype
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 16384)),
         mask_token_id=int(cfg.get("mask_token_id") or MASK_TOKEN_ID),
         eos_token_id=cfg.get("eos_token_id", EOS_TOKEN_ID),
         pad_token_id=cfg.get("pad_token_id", EOS_TOKEN_ID),
@@ -131,7 +119,6 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
     """{official checkpoint name: where it goes in our module}: the release's names, fused q/k/v as one tensor
     ([q heads; k heads; v heads] along dim 0, our ``wqkv`` layout), per layer the dense MLP or the router with its
     bias, the stacked experts and the shared expert."""
-    moe = args.moe
     names = {"model.word_embeddings.weight": Slot("tok_embeddings.weight"), "model.norm.weight": Slot("norm.weight")}
     if not args.tie_embeddings:
         names["lm_head.weight"] = Slot("output.weight")
@@ -151,20 +138,7 @@ def weight_names(args: ModelArgs) -> dict[str, Slot]:
         if args.qk_norm:
             names[f"{attn}query_layernorm.weight"] = Slot(f"{dst}q_norm.weight")
             names[f"{attn}key_layernorm.weight"] = Slot(f"{dst}k_norm.weight")
-        if not moe.layers[i]:
-            names.update(swiglu_names(f"{src}mlp.", f"{dst}w13.weight", f"{dst}w2.weight", args.intermediate_size))
-            continue
-        E, inter = moe.num_experts, moe.expert_intermediate_size
-        names[f"{src}mlp.gate.weight"] = Slot(f"{dst}moe.gate.weight")
-        names[f"{src}mlp.gate.expert_bias"] = Slot(f"{dst}moe.expert_bias")
-        for e in range(E):  # stacked along dim 0: w13 = [gate_0; up_0; gate_1; ...], w2 = [down_0; down_1; ...]
-            expert = f"{src}mlp.experts.{e}."
-            names[f"{expert}gate_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e, 2 * E, inter)
-            names[f"{expert}up_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e + 1, 2 * E, inter)
-            names[f"{expert}down_proj.weight"] = Slot(f"{dst}moe.w2", e, E, args.dim)
-        if moe.shared_intermediate_size:
-            names.update(swiglu_names(f"{src}mlp.shared_experts.", f"{dst}moe.shared_w13.weight",
-                                      f"{dst}moe.shared_w2.weight", moe.shared_intermediate_size))
+        names.update(moe_mlp_names(args, i, shared="mlp.shared_experts."))
     return names
 
 

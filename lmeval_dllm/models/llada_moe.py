@@ -20,7 +20,7 @@ Release details reproduced here (``modeling_lladamoe.py``):
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_decoder_names, swiglu_names
+from lmeval_dllm.models.loading import Slot, config_checks, hf_decoder_names, moe_mlp_names
 from lmeval_dllm.models.transformer import ModelArgs, MoEArgs
 
 MASK_TOKEN_ID = 156895  # <|mask|>: the release's generate(mask_id=156895); config.json has no mask_token_id
@@ -32,14 +32,7 @@ _NEEDED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_siz
 
 
 def parse_config(cfg: dict) -> ModelArgs:
-    missing = [k for k in _NEEDED if k not in cfg]
-    if missing:
-        raise ValueError(f"LLaDA-MoE config.json (architectures {cfg.get('architectures')}) lacks "
-                         f"{', '.join(missing)}; an LLaDAMoEModelLM config has {', '.join(_NEEDED)}")
-
-    def unsupported(key: str, allowed: str):
-        raise ValueError(f"LLaDA-MoE config.json has {key}={cfg[key]!r}; only {allowed} is supported")
-
+    unsupported = config_checks(cfg, _NEEDED, label="LLaDA-MoE", architecture="LLaDAMoEModelLM")
     if cfg.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "'silu'")
     if cfg.get("moe_router_score_function", "softmax") not in (None, "softmax"):
@@ -95,26 +88,13 @@ def parse_config(cfg: dict) -> ModelArgs:
 def weight_names(args: ModelArgs) -> dict[str, Slot]:
     """{official checkpoint name: where it goes in our module}: the HF layout (no q/k/v bias), q/k norms, and per
     layer either the dense MLP or the router, the stacked experts and the shared expert."""
-    moe = args.moe
     names = hf_decoder_names(args, qkv_bias=False)
     for i in range(args.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         if args.qk_norm:
             names[f"{src}self_attn.q_norm.weight"] = Slot(f"{dst}q_norm.weight")
             names[f"{src}self_attn.k_norm.weight"] = Slot(f"{dst}k_norm.weight")
-        if not moe.layers[i]:
-            names.update(swiglu_names(f"{src}mlp.", f"{dst}w13.weight", f"{dst}w2.weight", args.intermediate_size))
-            continue
-        E, inter = moe.num_experts, moe.expert_intermediate_size
-        names[f"{src}mlp.gate.weight"] = Slot(f"{dst}moe.gate.weight")
-        for e in range(E):  # stacked along dim 0: w13 = [gate_0; up_0; gate_1; ...], w2 = [down_0; down_1; ...]
-            expert = f"{src}mlp.experts.{e}."
-            names[f"{expert}gate_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e, 2 * E, inter)
-            names[f"{expert}up_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e + 1, 2 * E, inter)
-            names[f"{expert}down_proj.weight"] = Slot(f"{dst}moe.w2", e, E, args.dim)
-        if moe.shared_intermediate_size:
-            names.update(swiglu_names(f"{src}shared_expert.", f"{dst}moe.shared_w13.weight",
-                                      f"{dst}moe.shared_w2.weight", moe.shared_intermediate_size))
+        names.update(moe_mlp_names(args, i, shared="shared_expert."))
     return names
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import torch
+
+from lmeval_dllm.models.transformer import ModelArgs
 
 if TYPE_CHECKING:
     from lmeval_dllm.models.transformer import DiffusionLM
@@ -27,6 +29,50 @@ class Slot:
     part: int = 0  # index among the tensors concatenated (dim 0) into `name`
     parts: int = 1
     rows: int = 0  # rows of this piece when fused (parts > 1)
+
+
+def config_checks(cfg: dict, needed: tuple[str, ...], *, label: str, architecture: str,
+                  null_is_missing: bool = False) -> Callable[[str, str], NoReturn]:
+    """Check that config.json has every key of ``needed`` (``null_is_missing``: a null value counts as absent),
+    else raise an error naming the family (``label``: "SDAR"), the config's architectures, the missing keys and
+    what an ``architecture`` config has; return ``unsupported(key, allowed)``, which raises the error of a key
+    whose value the family does not reproduce, naming the key, its value and what is allowed."""
+    missing = [k for k in needed if (cfg.get(k) is None if null_is_missing else k not in cfg)]
+    if missing:
+        raise ValueError(f"{label} config.json (architectures {cfg.get('architectures')}) lacks "
+                         f"{', '.join(missing)}; an {architecture} config has {', '.join(needed)}")
+
+    def unsupported(key: str, allowed: str) -> NoReturn:
+        raise ValueError(f"{label} config.json has {key}={cfg[key]!r}; only {allowed} is supported")
+
+    return unsupported
+
+
+def hf_model_args(cfg: dict, *, family: str, rope_theta: float, norm_eps: float = 1e-6, max_position: int = 32768,
+                  **fields: Any) -> ModelArgs:
+    """:class:`ModelArgs` from the config.json keys every HF Llama / Qwen-layout checkpoint names alike
+    (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (absent or null: as
+    many as the query heads), ``intermediate_size``, ``vocab_size``, ``rope_theta``, ``rms_norm_eps``,
+    ``tie_word_embeddings`` (absent: untied), ``max_position_embeddings``).
+
+    ``rope_theta``, ``norm_eps`` and ``max_position`` are the family's defaults for an absent key (its config
+    class's); ``fields`` are the family's own :class:`ModelArgs` fields (q/k/v bias, token ids, logit shift ...).
+    The family checks config.json before calling this, with messages that name it."""
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    return ModelArgs(
+        family=family,
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        rope_theta=float(cfg.get("rope_theta", rope_theta)),
+        norm_eps=float(cfg.get("rms_norm_eps", norm_eps)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", max_position)),
+        **fields,
+    )
 
 
 def hf_decoder_names(args, *, qkv_bias: bool) -> dict[str, Slot]:
@@ -55,6 +101,31 @@ def swiglu_names(src: str, w13: str, w2: str, rows: int) -> dict[str, Slot]:
     gate and up fused into ``w13`` ([gate; up], ``rows`` each), down into ``w2``."""
     return {f"{src}gate_proj.weight": Slot(w13, 0, 2, rows), f"{src}up_proj.weight": Slot(w13, 1, 2, rows),
             f"{src}down_proj.weight": Slot(w2)}
+
+
+def moe_mlp_names(args: ModelArgs, i: int, *, shared: str) -> dict[str, Slot]:
+    """{official name: Slot} of layer ``i``'s MLP in the HF MoE layout LLaDA-MoE and LLaDA2 share: the dense SwiGLU
+    (``mlp.``) where ``args.moe.layers[i]`` is False; otherwise the router ``mlp.gate.weight`` (and its
+    ``mlp.gate.expert_bias`` when ``args.moe.expert_bias``), the experts ``mlp.experts.E.*_proj`` stacked along
+    dim 0 into ``moe.w13`` ([gate_0; up_0; gate_1; ...]) and ``moe.w2`` ([down_0; down_1; ...]), and the shared
+    expert, when there is one, under the family's prefix ``shared`` (relative to the layer)."""
+    moe = args.moe
+    src, dst = f"model.layers.{i}.", f"layers.{i}."
+    if not moe.layers[i]:
+        return swiglu_names(f"{src}mlp.", f"{dst}w13.weight", f"{dst}w2.weight", args.intermediate_size)
+    E, inter = moe.num_experts, moe.expert_intermediate_size
+    names = {f"{src}mlp.gate.weight": Slot(f"{dst}moe.gate.weight")}
+    if moe.expert_bias:
+        names[f"{src}mlp.gate.expert_bias"] = Slot(f"{dst}moe.expert_bias")
+    for e in range(E):
+        expert = f"{src}mlp.experts.{e}."
+        names[f"{expert}gate_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e, 2 * E, inter)
+        names[f"{expert}up_proj.weight"] = Slot(f"{dst}moe.w13", 2 * e + 1, 2 * E, inter)
+        names[f"{expert}down_proj.weight"] = Slot(f"{dst}moe.w2", e, E, args.dim)
+    if moe.shared_intermediate_size:
+        names.update(swiglu_names(f"{src}{shared}", f"{dst}moe.shared_w13.weight", f"{dst}moe.shared_w2.weight",
+                                  moe.shared_intermediate_size))
+    return names
 
 
 def resolve_checkpoint_dir(pretrained: str, revision: Optional[str] = None) -> str:

@@ -21,7 +21,7 @@ over blocks counted from position 0 (the mask of :func:`~lmeval_dllm.models.tran
 from __future__ import annotations
 
 from lmeval_dllm.models.family import Family, TinyTokenizer
-from lmeval_dllm.models.loading import Slot, hf_decoder_names, swiglu_names
+from lmeval_dllm.models.loading import Slot, config_checks, hf_decoder_names, hf_model_args, swiglu_names
 from lmeval_dllm.models.transformer import ModelArgs
 
 MASK_TOKEN_ID = 151669  # <|MASK|> (config.json mask_token_id)
@@ -32,14 +32,7 @@ _NEEDED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermedi
 
 
 def parse_config(cfg: dict) -> ModelArgs:
-    missing = [k for k in _NEEDED if k not in cfg]
-    if missing:
-        raise ValueError(f"SDAR config.json (architectures {cfg.get('architectures')}) lacks {', '.join(missing)}; "
-                         f"an SDARForCausalLM config has {', '.join(_NEEDED)}")
-
-    def unsupported(key: str, allowed: str):
-        raise ValueError(f"SDAR config.json has {key}={cfg[key]!r}; only {allowed} is supported")
-
+    unsupported = config_checks(cfg, _NEEDED, label="SDAR", architecture="SDARForCausalLM")
     if cfg.get("hidden_act", "silu") != "silu":
         unsupported("hidden_act", "'silu'")
     if cfg.get("attention_bias"):
@@ -56,20 +49,12 @@ def parse_config(cfg: dict) -> ModelArgs:
         unsupported("block_size", "an integer >= 1")
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or dim // n_heads
-    return ModelArgs(
+    return hf_model_args(
+        cfg,
         family="sdar",
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
-        rope_theta=float(cfg.get("rope_theta", 1000000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=1000000.0,
         qkv_bias=False,
         rope_fp32=False,  # SDARRotaryEmbedding returns cos/sin in the model dtype
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position=int(cfg.get("max_position_embeddings", 32768)),
         mask_token_id=int(cfg.get("mask_token_id") or MASK_TOKEN_ID),
         eos_token_id=cfg.get("eos_token_id", EOS_TOKEN_ID),
         pad_token_id=cfg.get("pad_token_id", cfg.get("eos_token_id", EOS_TOKEN_ID)),

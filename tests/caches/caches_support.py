@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from batches import left_pad  # noqa: F401 - the cache tests import it from here
+from batches import left_pad, tiny  # noqa: F401 - the cache tests import them from here
 
 from lmeval_dllm.caches import build_cache
 from lmeval_dllm.generate import GenerationConfig, generate
@@ -19,16 +17,6 @@ EXACT = {"prefix": {"refresh_interval": 1}, "dual": {"refresh_interval": 1}, "dl
          "sparse": {"delay_steps": 0, "refresh_interval": 1},
          "elastic": {"refresh_interval": 1},
          "dkv": {"cache_reloading_step": 1}}
-
-
-@functools.lru_cache(maxsize=None)
-def tiny(directory: str):
-    """(model, tokenizer) of a tiny checkpoint, loaded once per session."""
-    from transformers import AutoTokenizer
-
-    from lmeval_dllm.models import load_model
-
-    return load_model(directory), AutoTokenizer.from_pretrained(directory)
 
 
 def decode(model, ids, mask, cache=None, gen_length=16, block_length=8, stops=(999,), on_step=None, **sampler_kw):
