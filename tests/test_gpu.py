@@ -47,6 +47,11 @@ SHAPES = {
                  rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=False, rope_fp32=False, tie_embeddings=False,
                  max_position=4096, mask_token_id=500, eos_token_id=501, pad_token_id=501, logit_shift=0,
                  qk_norm=True, block_size=8, head_dim_override=32),
+    # Fast-dLLM v2: block-causal with Dream's token shift (q/k/v bias), blocks of 8
+    "fast_dllm_v2": dict(family="fast_dllm_v2", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                         vocab_size=512, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True, rope_fp32=False,
+                         tie_embeddings=False, max_position=4096, mask_token_id=500, eos_token_id=501,
+                         pad_token_id=501, logit_shift=1, block_size=8),
 }
 # Strategies checked with every cache they can use (lengths 32 / 8; DAEDAL from 8, at most 32).
 STRATEGIES = {
@@ -114,7 +119,7 @@ def decode(model, strategy, cache, batch):
     return out.tokens.cpu(), seen
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar", "fast_dllm_v2"])
 def test_fused_kernels_match_the_plain_ops(family):
     first, _ = batches(random_model(family))
     fused, fused_logits = decode(random_model(family), "vanilla", Cache(cuda_graphs=False), first)
@@ -123,7 +128,7 @@ def test_fused_kernels_match_the_plain_ops(family):
     assert max((a - b).abs().max().item() for a, b in zip(fused_logits, plain_logits)) <= 1e-3
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar", "fast_dllm_v2"])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_cuda_graphs_equal_eager_for_every_cache(family, strategy):
     """With CUDA graphs, every cache gives the logits and tokens it gives eagerly, also when one cache object
