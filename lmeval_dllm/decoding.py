@@ -20,7 +20,7 @@ The rules, in order:
    :data:`DEFAULT_BLOCK_LENGTH`; when it was not given and does not divide ``gen_length``, the generation is one
    block (a note). A given value that does not divide is an error naming both. 0 is a value, never "not given".
    For a block-causal model (``block_size``: SDAR, TraDo, LLaDA2) it defaults to the model's block size and must
-   divide it, and a ``gen_length`` that is not a multiple of the block length is rounded up to one (a note);
+   divide it, and a ``gen_length`` that is not a multiple of the model's block is rounded up to one (a note);
    strategies and caches that need full attention are errors there. A model family's ``decoding_defaults`` (the
    release decoder's settings, e.g. LLaDA2's ``threshold=0.95``) come below the task's and the user's values.
 4. Context (when ``max_length`` is known). A given length (``gen_length``, the task's ``max_gen_toks``, DAEDAL's
@@ -162,7 +162,7 @@ def resolve(
         max_length: the model's context (prompt + generation); None skips the checks and fits against it.
         block_size: a block-causal model's block size (``ModelArgs.block_size``; None = bidirectional or not yet
             known): ``block_length`` defaults to it and must divide it; a ``gen_length`` that is not a multiple of the
-            block length is rounded up to one (a note; the releases decode whole blocks too); strategies and caches
+            model's block is rounded up to one (a note; the releases decode whole blocks too); strategies and caches
             it cannot serve are refused (``generate.check_block_causal``; the caller checks a block-causal-only cache
             against a bidirectional model, which this function cannot tell from "not known yet").
         family_defaults: the model family's ``{strategy: {parameter: value}}`` (``Family.decoding_defaults``),
@@ -235,10 +235,11 @@ def resolve(
                     f"{max_length}; pass gen_length=<at most {max_length - 1}> in --model_args, or a larger "
                     f"max_length"
                 )
-            if block_size is not None and gen_length % (block_length or block_size):
-                rounded = -(-gen_length // (block_length or block_size)) * (block_length or block_size)
+            if block_size is not None and gen_length % block_size:
+                # whole attention blocks, as the releases decode (a smaller block_length is a sub-block of one)
+                rounded = -(-gen_length // block_size) * block_size
                 notes.append(f"gen_length={gen_length} is not a multiple of the block-causal model's block "
-                             f"{block_length or block_size}: gen_length={rounded} (whole blocks)")
+                             f"{block_size}: gen_length={rounded} (whole blocks)")
                 gen_length = rounded
             if block_length is None and block_size is not None:
                 block_length = block_size  # the model's block

@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 
 from lmeval_dllm.caches.base import Cache, check_compatible
-from lmeval_dllm.models import DiffusionLM, block_causal_families
+from lmeval_dllm.models import DiffusionLM, block_causal_families, family_named
 from lmeval_dllm.samplers.base import Sampler
 from lmeval_dllm.state import DecodeState, GenerationConfig
 
@@ -124,11 +124,14 @@ def generate(
     prompt_ids = prompt_ids.to(device)
     stop_token_ids = stop_token_ids.to(device)
     answer_start = answer_width = None
+    # Fast-dLLM v2: each attention block's first column is the greedy prediction of the pass that stores the block
+    # before it (commit_block_start), and one column follows the last block
+    greedy_start = model.block_size is not None and family_named(model.args.family).autoregressive_block_start
     if model.block_size is not None:
         # what fills the columns outside a row (hidden from attention; embedded, so a real token id)
         fill = next((t for t in (model.args.pad_token_id, model.args.eos_token_id) if isinstance(t, int)), 0)
         x, attention_mask, position_ids, P, answer_start, answer_width = block_aligned_canvas(
-            prompt_ids, prompt_mask, G, model.block_size, mask_id, fill)
+            prompt_ids, prompt_mask, G, model.block_size, mask_id, fill, greedy_block_start=greedy_start)
     else:
         x = torch.cat([prompt_ids, torch.full((B, G), mask_id, dtype=torch.long, device=device)], dim=1)  # (B, T)
         attention_mask, position_ids = None, torch.arange(P + G, device=device).expand(B, -1)
@@ -168,8 +171,10 @@ def generate(
         start = P + b * Lb
         state.block = slice(start, min(start + Lb, state.x.shape[1]))
         state.block_index, state.step_in_block = b, 0
-        sampler.begin_block(state)
         cache.begin_block(state)
+        if greedy_start and start > 0 and (start - P) % model.block_size == 0:
+            commit_block_start(model, cache, state, finished, nfe, committed, first=b == 0)
+        sampler.begin_block(state)
         budget = sampler.step_budget(Lb)
         while True:
             active = ~finished & sampler.block_continues(state, (state.x[:, state.block] == mask_id).any(-1))
@@ -185,7 +190,12 @@ def generate(
                 )
             state.active = active
             span = state.block if sampler.logits_span == "block" else slice(P, state.x.shape[1])
-            result = sampler.forward(model, cache, state, span)
+            # A shifted model reads column t from row t - 1; column 0 (a prompt token of a block-aligned canvas
+            # whose prompts all fit in the first block, never a candidate) has no row left of it: zeros.
+            lead = int(model.logit_shift > 0 and span.start == 0)
+            result = sampler.forward(model, cache, state, slice(span.start + lead, span.stop))
+            if lead:
+                result = result.padded_left(lead, state.x.shape[1])
             state.fresh = result.fresh  # columns whose logits are this step's predictions (None = all)
             # (B, L, V): float32 for the block; the generation span stays in the model's dtype (see the docstring)
             logits = result.logits.float() if sampler.logits_span == "block" else result.logits
@@ -253,6 +263,32 @@ def generate(
                             decoded_at=decoded_at, steps=state.step, gen_lengths=gen_lengths)
 
 
+def commit_block_start(model: DiffusionLM, cache: Cache, state: DecodeState, finished: torch.Tensor,
+                       nfe: torch.Tensor, committed: torch.Tensor, *, first: bool) -> None:
+    """Fast-dLLM v2's block start (Wu et al., arXiv:2509.26328; NVlabs/Fast-dLLM ``v2/generation_functions.py``,
+    ``batch_sample``): once a block is decoded the release makes one pass over it that stores its K/V, and commits
+    the argmax of that pass's last row as the first token of the next block (greedy whatever the temperature; the
+    prefill of the prompt's full blocks does the same for a prompt that ends on a block boundary).
+
+    ``state.block`` starts an attention block (column c); the cache runs the pass (``Cache.block_start_logits``:
+    the logits of column c, from row c - 1), and every unfinished row whose column c is masked takes its argmax,
+    counting one forward pass. ``first``: the generation's first block, where only rows whose prompt fills whole
+    blocks have a mask there (the others start it with their prompt tail); without any such row there is no pass.
+    One host read then (is there such a row?), none otherwise.
+    """
+    c = state.block.start
+    need = ~finished & (state.x[:, c] == state.mask_token_id)  # (B,)
+    if first and not bool(need.any()):
+        return
+    state.active = need
+    token = cache.block_start_logits(model, state, c).argmax(-1)  # (B,)
+    state.x[:, c] = torch.where(need, token, state.x[:, c])
+    state.decoded_at[:, c] = torch.where(need, state.step, state.decoded_at[:, c])
+    committed += need.long()
+    nfe += need.long()
+    state.step += 1
+
+
 def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sampler], cache: Cache | type[Cache],
                        block_length: Optional[int]) -> None:
     """Raise ValueError, before any model work, for a setting a block-causal model (``ModelArgs.block_size``)
@@ -287,7 +323,7 @@ def check_block_causal(block_size: Optional[int], sampler: Sampler | type[Sample
 
 
 def block_aligned_canvas(prompt_ids: torch.Tensor, prompt_mask: Optional[torch.Tensor], gen_length: int,
-                         block_size: int, mask_id: int, fill_id: int):
+                         block_size: int, mask_id: int, fill_id: int, *, greedy_block_start: bool = False):
     """The canvas of a block-causal model (block diffusion, SDAR arXiv:2510.06303, ``block_diffusion_generate``).
 
     The release lays one prompt of length L at positions 0..L-1 of ``ceil((L + gen_length) / bs) * bs``
@@ -296,6 +332,10 @@ def block_aligned_canvas(prompt_ids: torch.Tensor, prompt_mask: Optional[torch.T
     (``Kmax`` = the most full prompt blocks of any row), so every row's blocks are canvas blocks (column // bs)
     and every row's prompt tail starts canvas block ``Kmax``; columns past a row's end hold ``fill_id`` and are
     hidden from attention. RoPE positions are ``column - p_i``: each row sees exactly what it sees alone.
+
+    ``greedy_block_start`` (Fast-dLLM v2's ``batch_sample``): the release decodes ``gen_length / bs`` blocks from
+    the one holding the prompt's tail, ``L // bs * bs + gen_length`` columns, then commits one more token (the
+    first of the next block): each row's canvas is ``L // bs * bs + gen_length + 1`` columns.
 
     Args:
         prompt_ids (`torch.LongTensor` of shape `(B, P)`): left-padded prompts; prompt_mask (B, P) bool or None.
@@ -311,9 +351,13 @@ def block_aligned_canvas(prompt_ids: torch.Tensor, prompt_mask: Optional[torch.T
     full, tail = lengths // bs, lengths % bs
     k_max, ragged = torch.stack([full.max(), (tail > 0).any().long()]).tolist()  # the one host read
     start = bs * k_max
-    T = start + gen_length + bs * ragged
     pad = bs * (k_max - full)  # (B,)
-    total = bs * (full + (tail > 0).long()) + gen_length  # (B,) = ceil((L + G) / bs) * bs, row-relative
+    if greedy_block_start:
+        T = start + gen_length + 1
+        total = bs * full + gen_length + 1  # (B,) row-relative
+    else:
+        T = start + gen_length + bs * ragged
+        total = bs * (full + (tail > 0).long()) + gen_length  # (B,) = ceil((L + G) / bs) * bs, row-relative
     rel = torch.arange(T, device=device)[None, :] - pad[:, None]  # (B, T) row-relative position
     src = (P - lengths[:, None] + rel).clamp(0, P - 1)
     x = torch.where(rel < lengths[:, None], prompt_ids.gather(1, src), mask_id)

@@ -208,6 +208,18 @@ class StepLogits:
     logits: torch.Tensor  # (B, L [+ E], V): the span's columns, then the extra rows' outputs if any
     fresh: Optional[torch.Tensor] = None  # (B, T) bool
 
+    def padded_left(self, n: int, canvas_width: int) -> "StepLogits":
+        """The same logits with ``n`` columns of placeholder zeros in front (columns no row predicts: a shifted
+        model's column 0), marked not fresh."""
+        B, _, V = self.logits.shape
+        logits = torch.cat([self.logits.new_zeros(B, n, V), self.logits], dim=1)
+        fresh = self.fresh
+        if fresh is None:
+            fresh = torch.ones(B, canvas_width, dtype=torch.bool, device=logits.device)
+        fresh = fresh.clone()
+        fresh[:, :n] = False
+        return StepLogits(logits, fresh)
+
 
 @dataclass
 class ExtraRows:

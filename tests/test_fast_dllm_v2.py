@@ -216,16 +216,204 @@ def test_forward_applies_block_size_without_an_explicit_mask(tied_dir):
     assert (model(ids, torch.arange(T)[None]) - ref).abs().max().item() < 2e-5
 
 
-def test_the_lm_eval_model_refuses_it_before_the_weights_until_its_decoder_is_wired(tmp_path, monkeypatch):
-    import lmeval_dllm.models
+# -- the release's decoder ----------------------------------------------------------------------------------------
+
+def release_decode(model, prompt: list[int], *, gen_length: int, small_block: int, threshold: float,
+                   stop: int | None) -> tuple[list[int], int]:
+    """Fast-dLLM v2's ``batch_sample`` (v2/generation_functions.py) for one prompt at temperature 0, written here
+    from its control flow on our model's plain forward (the whole sequence each time; block-causal attention makes
+    that the release's KV-cached computation): a prompt ending on a block boundary gets its next token greedily
+    from the prefill; each block of bd_size is decoded sub-block by sub-block, every step committing the masked
+    positions of the sub-block whose probability is > threshold and the most probable one, column c read from
+    row c - 1; a finished block is passed once more (storing its K/V) and that pass's last row gives the next
+    block's first token greedily; a row stops at the end of the block in which it committed the stop token.
+    Returns the answer (through the first stop token) and the forward passes that decoded or committed a token
+    (the release's own count adds the prefill of a prompt that does not end on a block boundary)."""
+    bs, mask = model.block_size, model.mask_token_id
+    x, L, nfe = list(prompt), len(prompt), 0
+
+    def rows(seq):  # (len, V) float32: row t carries the distribution of column t + 1
+        return model(torch.tensor([seq]), torch.arange(len(seq))[None])[0].float()
+
+    if L % bs == 0:  # (the release skips the prefill when L == bs; see docs/models.md)
+        x.append(int(rows(x)[-1].argmax()))
+        nfe += 1
+    for k in range(L // bs, L // bs + gen_length // bs):
+        end = (k + 1) * bs
+        x += [mask] * (end - len(x))
+        finished = False
+        for j in range(bs // small_block):
+            lo, hi = k * bs + j * small_block, k * bs + (j + 1) * small_block
+            while mask in x[lo:hi]:
+                r = rows(x[:end])
+                conf, tok = torch.softmax(r[[max(c - 1, 0) for c in range(lo, hi)]], -1).max(-1)
+                masked = torch.tensor([t == mask for t in x[lo:hi]])
+                conf = torch.where(masked, conf, float("-inf"))
+                commit = conf > threshold
+                commit[int(conf.argmax())] = True
+                nfe += 1
+                for i in (commit & masked).nonzero().flatten().tolist():
+                    x[lo + i] = int(tok[i])
+                    finished |= int(tok[i]) == stop
+        if finished:
+            answer = x[L:]
+            return answer[:answer.index(stop) + 1], nfe
+        x.append(int(rows(x[:end])[-1].argmax()))
+        nfe += 1
+    return x[L:], nfe
+
+
+@pytest.fixture(scope="module")
+def tied_model(tied_dir):
+    return load_model(tied_dir)
+
+
+def decode(model, prompts: list[list[int]], *, cache: str = "block", strategy: str = "vanilla",
+           gen_length: int = 64, stop: int | None = None, **kw):
+    """Our decode loop on left-padded prompts, with the family's release defaults under ``kw``."""
+    from batches import pad_left
+
+    from lmeval_dllm.caches import build_cache
+    from lmeval_dllm.decoding import resolve
+    from lmeval_dllm.generate import generate
+    from lmeval_dllm.models import FAMILIES
+
+    d = resolve(strategy, cache, {"gen_length": gen_length, **kw}, block_size=model.block_size,
+                family_defaults=FAMILIES["fast_dllm_v2"].decoding_defaults)
+    ids, mask = pad_left(model.args.pad_token_id, prompts)
+    stops = torch.tensor([model.args.eos_token_id if stop is None else stop])
+    return generate(model, ids, mask, d.sampler, d.config, stop_token_ids=stops,
+                    cache=None if cache == "none" else build_cache(cache, cuda_graphs=False))
+
+
+def answer(out, i: int) -> list[int]:
+    """Row i's answer through its first stop token (all of it without one)."""
+    n, width = int(out.answer_length[i]), int(out.gen_lengths[i])
+    return out.tokens[i, :min(n + 1, width)].tolist()
+
+
+PROMPT_LENGTHS = (5, 20, 32, 37, 64, 70)  # inside the first block, one whole block, tails, two whole blocks
+
+
+@pytest.mark.parametrize("cache", ["block", "none"])
+def test_the_release_decoder_token_for_token(tied_model, cache):
+    """The family's defaults (threshold 0.9, sub-blocks of 8) on our loop give the release's tokens and passes,
+    for prompts inside the first block, ending on block boundaries and ending inside a block."""
+    g = torch.Generator().manual_seed(0)
+    for L in PROMPT_LENGTHS:
+        prompt = torch.randint(0, 256, (L,), generator=g).tolist()
+        ref, nfe = release_decode(tied_model, prompt, gen_length=64, small_block=8, threshold=0.9, stop=None)
+        out = decode(tied_model, [prompt], cache=cache)
+        assert len(ref) == int(out.gen_lengths[0]) == 64 - L % 32 + 1, L  # one greedy token past the last block
+        assert answer(out, 0) == ref, L
+        assert int(out.nfe[0]) == nfe, L
+
+
+def test_a_row_stops_at_the_end_of_the_block_that_commits_the_stop_token(tied_model):
+    """The stop token here is one the model does write (found from a run without one): the answer ends at its
+    first occurrence, after which the release decodes nothing more for the row."""
+    prompt = torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(5)).tolist()
+    free, _ = release_decode(tied_model, prompt, gen_length=96, small_block=8, threshold=0.9, stop=None)
+    stop = free[40]  # a token of the second block
+    ref, nfe = release_decode(tied_model, prompt, gen_length=96, small_block=8, threshold=0.9, stop=stop)
+    assert len(ref) < len(free) and ref[-1] == stop
+    for cache in ("block", "none"):
+        out = decode(tied_model, [prompt], cache=cache, gen_length=96, stop=stop)
+        assert answer(out, 0) == ref, cache
+        assert int(out.nfe[0]) <= nfe, cache  # we stop once nothing before the stop token is masked
+
+
+@pytest.mark.parametrize("cache", ["block", "none", "prefix", "dual"])
+def test_batch_equals_each_prompt_alone(tied_model, cache):
+    from batches import assert_each_row_as_alone
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 32, 37, 70)]
+    batch = decode(tied_model, prompts, cache=cache, gen_length=32)
+    assert_each_row_as_alone(batch, prompts, lambda ids: decode(tied_model, [ids[0].tolist()], cache=cache,
+                                                                gen_length=32), label=cache)
+    if cache == "block":  # exact: the release's tokens (prefix and dual are approximate with sub-blocks)
+        for i, p in enumerate(prompts):
+            ref, _ = release_decode(tied_model, p, gen_length=32, small_block=8, threshold=0.9, stop=None)
+            assert answer(batch, i) == ref, (cache, i)
+
+
+@pytest.mark.parametrize("strategy, kw", [("vanilla", {"threshold": 1.0}), ("vanilla", {"block_length": 32}),
+                                          ("ar", {}), ("eb_sampler", {}), ("pc_sampler", {"debias": False}),
+                                          ("hierarchy", {}), ("credit", {})])
+def test_the_other_strategies_decode_with_the_greedy_block_start(tied_model, strategy, kw):
+    """Every column a strategy decodes is one the release would; each attention block's first column is the
+    store pass's greedy token whatever the strategy (the release's rule, part of the model's decoding)."""
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (20, 37)]
+    out, exact = decode(tied_model, prompts, strategy=strategy, **kw), \
+        decode(tied_model, prompts, strategy=strategy, cache="none", **kw)
+    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.nfe, exact.nfe)
+    if (strategy, kw) == ("vanilla", {"threshold": 1.0}):  # one token per step: 1 per mask, + 1 per block start
+        for i, p in enumerate(prompts):
+            ref, nfe = release_decode(tied_model, p, gen_length=64, small_block=8, threshold=1.0, stop=None)
+            assert answer(out, i) == ref and int(out.nfe[i]) == nfe == 64 - len(p) % 32 + 1
+
+
+def test_the_lm_eval_model_decodes_it_with_the_release_defaults(tied_dir):
+    from lm_eval.api.instance import Instance
+
     from lmeval_dllm.lm import DLLM
 
-    write_checkpoint(str(tmp_path), "fast_dllm_v2")
+    lm = DLLM(pretrained=tied_dir, gen_length=32)
+    assert (lm.cache_name, lm.block_size) == ("block", 32)
+    config, sampler, _ = lm._decoding_for({"until": ["\n\n"]})
+    assert (config.gen_length, config.block_length, sampler.threshold) == (32, 8, 0.9)
+    (text,) = lm.generate_until([Instance("generate_until", {}, ("Hi", {"until": ["\n\n"]}), 0)],
+                                disable_tqdm=True)
+    ids = lm.tokenizer("Hi", add_special_tokens=False).input_ids
+    ref, _ = release_decode(lm.model, ids, gen_length=32, small_block=8, threshold=0.9,
+                            stop=lm.model.args.eos_token_id)
+    expected = lm.tokenizer.decode(ref, skip_special_tokens=True).split("\n\n")[0]
+    assert text == expected
 
-    def no_weights(*args, **kwargs):
-        raise AssertionError("the weights were read")
 
-    monkeypatch.setattr(lmeval_dllm.models, "load_model", no_weights)
-    with pytest.raises(ValueError, match=r"^model family 'fast_dllm_v2' \(.*\) cannot be evaluated by --model dllm "
-                                         r"yet: Fast-dLLM v2's decoder is not wired into the decode loop yet"):
-        DLLM(pretrained=str(tmp_path))
+
+def test_dual_is_the_release_block_cache(tied_model):
+    """cache=dual on Fast-dLLM v2 is the release's ``use_block_cache``: a step runs the whole canvas at a
+    sub-block's first step and while the sub-block's first column is masked, and otherwise the sub-block's rows
+    alone (not the row left of it: that column is decoded then); refreshed every step it is no cache."""
+    from lmeval_dllm.caches import build_cache
+    from lmeval_dllm.generate import GenerationConfig, generate
+    from lmeval_dllm.samplers import Proposal, build_sampler
+
+    prompt = torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3)).tolist()
+    cache = build_cache("dual", cuda_graphs=False)
+    seen, widths = [], []  # before each step: (first step of the sub-block?, its first column masked?); rows run
+    forward, update = cache.forward, cache.update
+    cache.forward = lambda model, state, *a, **k: (
+        seen.append((state.step_in_block == 0, bool(state.x[0, state.block.start] == state.mask_token_id))),
+        forward(model, state, *a, **k))[1]
+    cache.update = lambda i, pos, k, v: (widths.append(pos.numel()) if i == 0 else None, update(i, pos, k, v))[1]
+
+    def run(cache):
+        return generate(tied_model, torch.tensor([prompt]), None,
+                        build_sampler("vanilla", Proposal.from_params(), threshold=0.9), GenerationConfig(64, 8),
+                        stop_token_ids=torch.tensor([-1]), cache=cache)
+
+    out = run(cache)
+    T = 32 + 64 + 1
+    assert widths == [T if first or masked else 8 for first, masked in seen]
+    assert widths.count(T) > len(seen) // 8 and widths.count(8) > 0  # refreshes beyond sub-block starts, and not
+    assert out.steps == len(seen) + 2  # + the passes of the greedy block start (columns 64 and 96)
+    exact = run(build_cache("dual", refresh_interval=1, cuda_graphs=False))
+    none = run(None)
+    assert torch.equal(exact.tokens, none.tokens) and torch.equal(exact.nfe, none.nfe)
+
+
+def test_lm_eval_runs_a_tiny_fast_dllm_v2_checkpoint(tmp_path, tied_dir):
+    from cli_run import run_lm_eval
+
+    results, samples, stats = run_lm_eval(tmp_path, f"pretrained={tied_dir}")
+    assert (results["config"]["dllm_cache"], results["config"]["dllm_strategy"]) == ("block", "vanilla")
+    assert [len(samples[t]) for t in ("smoke_three", "smoke_one")] == [3, 1]
+    assert len(stats) == 4
+    for s in stats:  # the tasks' gen_length 8 is one block of 32; the release's canvas: 32 - L mod 32 + 1 columns
+        L = s["prompt_tokens"]
+        assert s["gen_length"] == 32 - L % 32 + 1, s
+        assert 2 <= s["nfe"] <= s["gen_length"] + 1, s

@@ -161,6 +161,14 @@ class Cache(LayerHooks):
         return StepLogits(self.graphs.run(key, lambda x, pos, idx, *m: model(x, pos, m[0] if m else None, None, idx),
                                           state.x, state.position_ids, index, *mask))
 
+    def block_start_logits(self, model: DiffusionLM, state: DecodeState, column: int) -> torch.Tensor:
+        """Logits (B, V) of canvas column ``column``, the first of an attention block whose left neighbour is
+        decoded (Fast-dLLM v2's greedy block start, ``generate.commit_block_start``): the release's pass that
+        stores the finished block's K/V. Here: the whole canvas, as every step of this cache; the caches that keep
+        the K/V of finished blocks (cache=block) write them in this pass."""
+        return model.predict(state.x, state.position_ids, slice(column, column + 1),
+                             attention_mask=state.attention_mask)[:, 0]
+
     def end_step(self, state: DecodeState, out: StepOutput) -> None:
         """Called after the sampler's decision was applied to ``state.x``."""
 

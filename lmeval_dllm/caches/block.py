@@ -84,7 +84,8 @@ class BlockCache(Cache):
         # decode block (a decode block smaller than the model's block is a sub-block: the rest of its attention
         # block, masks included, shapes its logits and is rerun with it). A shifted model (Fast-dLLM v2 reads
         # column t from row t - 1) also reruns the row left of the block; its K/V are final, rewritten unchanged.
-        q0, q1 = min(self._final, targets.start - model.logit_shift), min(-(-block.stop // bs) * bs, T)
+        q0 = max(0, min(self._final, targets.start - model.logit_shift))
+        q1 = min(-(-block.stop // bs) * bs, T)
         rows = target_rows(model, targets, q0, q1)
         device = state.x.device
         write = torch.arange(q0, q1, device=device)  # (Q,) the key slot (= canvas column) of each row run
@@ -99,6 +100,24 @@ class BlockCache(Cache):
         # every attention block left of this one is decoded, and its K/V were just written from its final tokens
         self._final = block.start // bs * bs
         return StepLogits(logits)
+
+    def block_start_logits(self, model: DiffusionLM, state: DecodeState, column: int) -> torch.Tensor:
+        """The release's store pass (Fast-dLLM v2): the rows whose K/V are not final yet, up to ``column`` (the
+        finished block, or at the first block the prompt's full blocks), write their final K/V; returns the logits
+        (B, V) of ``column`` (from row ``column - 1``)."""
+        q0, q1 = self._final, column
+        device = state.x.device
+        write = torch.arange(q0, q1, device=device)
+        index = torch.tensor([column - model.logit_shift - q0], device=device)
+        mask = () if state.attention_mask is None else (state.attention_mask,)
+
+        def run(ids, pos, write, index, *mask):
+            return model(ids, pos, mask[0] if mask else None, self, index, input_pos=write)
+
+        key = ("store", *state.x.shape, q1 - q0, len(mask))
+        logits = self.graphs.run(key, run, state.x[:, q0:q1], state.position_ids[:, q0:q1], write, index, *mask)
+        self._final = column
+        return logits[:, 0]
 
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,10 @@ class PrefixCache(Cache):
         self.block_graphs = StepGraphs(enabled=cuda_graphs)
         self._length = 0  # canvas length the stored K/V belong to
         self._stale = True  # nothing usable stored: the next step runs the whole canvas
+        # Fast-dLLM v2's block cache rule (cache=dual on that family, ``DualCache.setup``): a row whose block starts
+        # with a mask runs the whole canvas, the others their block
+        self.masked_start_refresh = False
+        self._keep: Optional[torch.Tensor] = None  # (B, T) bool during a mixed step: the K/V written fresh
 
     # -- storage ------------------------------------------------------------------------------------------------
 
@@ -90,7 +94,7 @@ class PrefixCache(Cache):
     def query_span(self, model: DiffusionLM, state: DecodeState) -> tuple[int, int]:
         """Canvas columns ``[q0, q1)`` run at a cached step: the block and the suffix (Dream: from one column
         left of the block, the row that predicts the block's first column)."""
-        return state.block.start - model.logit_shift, state.x.shape[1]
+        return max(0, state.block.start - model.logit_shift), state.x.shape[1]
 
     def full_step(self, state: DecodeState) -> bool:
         n = state.step_in_block
@@ -113,7 +117,16 @@ class PrefixCache(Cache):
         B, T = state.x.shape
         E = 0 if extra is None else extra.count
         self._resize(model, state, E)
-        full = self.full_step(state)
+        full, keep = self.full_step(state), None
+        if not full and self.masked_start_refresh:
+            need = state.x[:, state.block.start] == state.mask_token_id  # (B,) rows that refresh this step
+            some, every = torch.stack([need.any(), need.all()]).tolist()  # one host read
+            if some:
+                full = True
+                if not every:  # the other rows keep their stored K/V outside their block, as at a cached step
+                    c0, c1 = self.query_span(model, state)
+                    col = torch.arange(T, device=state.x.device)
+                    keep = need[:, None] | ((col >= c0) & (col < c1))[None, :]
         q0, q1 = (0, T) if full else self.query_span(model, state)
         shift = model.logit_shift
         # Columns these rows predict; a strategy looking beyond them (logits_span="generation") gets zeros there.
@@ -139,9 +152,19 @@ class PrefixCache(Cache):
         def run(ids, pos, write, index, *mask):  # write (Q [+ E],): the key slot of each row run
             return model(ids, pos, mask[0] if mask else None, self, index, input_pos=write)
 
+        def run_mixed(ids, pos, write, index, keep, *mask):
+            self._keep = keep
+            try:
+                return run(ids, pos, write, index, *mask)
+            finally:
+                self._keep = None
+
         key = ("full" if full else "cached", B, T, q1 - q0, E, index.numel(), len(mask))
         graphs = self.graphs if full or not self.block_dependent_shapes else self.block_graphs
-        logits = graphs.run(key, run, ids, pos, write, index, *mask)
+        if keep is None:
+            logits = graphs.run(key, run, ids, pos, write, index, *mask)
+        else:
+            logits = graphs.run(("mixed", *key[1:]), run_mixed, ids, pos, write, index, keep, *mask)
         if full:
             self._stale = False
         if fresh is None:
@@ -155,7 +178,12 @@ class PrefixCache(Cache):
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, Hkv, Q, Dh) of the rows run -> stored at key slots ``input_pos`` (Q,); returns every stored
-        key and value (B, Hkv, T [+ E], Dh): the storage holds exactly the canvas and this step's extra rows."""
+        key and value (B, Hkv, T [+ E], Dh): the storage holds exactly the canvas and this step's extra rows.
+        A mixed step (``_keep``, every column run) writes fresh K/V only where ``_keep`` is True."""
+        if self._keep is not None:
+            keep = self._keep[:, None, :, None]  # (B, 1, T, 1)
+            k = torch.where(keep, k, self.k[layer_idx, :, :, :k.shape[2]])
+            v = torch.where(keep, v, self.v[layer_idx, :, :, :v.shape[2]])
         self.k[layer_idx].index_copy_(2, input_pos, k)
         self.v[layer_idx].index_copy_(2, input_pos, v)
         return self.k[layer_idx], self.v[layer_idx]

@@ -54,8 +54,10 @@ class Family:
             for messages that name those families.
         decoding_defaults: {strategy: {parameter: value}}: the release decoder's settings a strategy runs with on
             this family when neither ``--model_args`` nor the task gives them (``lmeval_dllm.decoding.resolve``).
-        generation_unsupported: None, or why ``--model dllm`` cannot decode this family yet (its weights load and
-            its logits are checked; ``generate_until`` raises this reason before any model work).
+        autoregressive_block_start: each attention block's first column is committed greedily (argmax, whatever
+            the strategy) from the pass that stores the previous block's K/V, and one more column after the last
+            block (Fast-dLLM v2's ``batch_sample``); the decode loop's ``commit_block_start``. False: the strategy
+            decodes every mask.
     """
 
     name: str
@@ -71,7 +73,7 @@ class Family:
     ignore: Callable[[str], bool] = field(default=_keep_every_weight)
     block_causal: bool = False
     decoding_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    generation_unsupported: Optional[str] = None
+    autoregressive_block_start: bool = False
 
     def matches(self, config: dict) -> bool:
         if str(config.get("model_type", "")).lower() not in {m.lower() for m in self.model_types}:

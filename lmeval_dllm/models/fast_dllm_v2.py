@@ -118,13 +118,11 @@ FAMILY = Family(
     model_types=("Fast_dLLM_Qwen",),
     architectures=("Fast_dLLM_QwenForCausalLM",),
     block_causal=True,
-    # The release commits each block's first column greedily in the extra pass that stores the finished block's
-    # K/V (v2/generation_functions.py); decoding it inside the next block would change the output.
-    generation_unsupported=(
-        "Fast-dLLM v2's decoder is not wired into the decode loop yet: the release commits each block's first "
-        "token in the pass that stores the previous block's K/V, which no strategy here reproduces; its weights "
-        "load and its logits match the release (docs/models.md)"
-    ),
+    # The release (v2/generation_functions.py, batch_sample) commits each block's first token greedily in the pass
+    # that stores the previous block's K/V, decodes the rest in sub-blocks of small_block_size=8 with threshold 0.9
+    # (v2/eval.py's defaults), and appends one greedy token after the last block.
+    autoregressive_block_start=True,
+    decoding_defaults={"vanilla": {"threshold": 0.9, "block_length": 8}},
     parse_config=parse_config,
     weight_names=dream.weight_names,  # the HF Qwen2 names, q/k/v with bias
     # The release's loglikelihood (v2/eval.py get_loglikelihood) scores only the first target token, masked, in

@@ -106,9 +106,13 @@ def test_needs_a_block_causal_model(llada_dir):
 
 
 def test_a_shifted_model_reruns_the_row_left_of_each_block(tmp_path):
-    """Fast-dLLM v2 reads column t from row t - 1 (Dream's shift): the step of a block also runs the last row of
-    the block before it (its K/V are final, so rewriting them changes nothing); tokens and NFE equal no cache."""
-    model = load_model(write_checkpoint(str(tmp_path / "fdllm2"), "fast_dllm_v2", bd_size=4, seed=3))
+    """A block-causal model that reads column t from row t - 1 (Dream's shift; here SDAR's network with the
+    shift): the step of a block also runs the last row of the block before it (its K/V are final, so rewriting
+    them changes nothing); tokens and NFE equal no cache."""
+    import dataclasses
+
+    model = load_model(write_checkpoint(str(tmp_path / "sdar"), "sdar", seed=3))
+    model.args = dataclasses.replace(model.args, logit_shift=1)
     cache = build_cache("block", cuda_graphs=False)
     runs = []
     update = cache.update
@@ -119,3 +123,23 @@ def test_a_shifted_model_reruns_the_row_left_of_each_block(tmp_path):
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe) and a.steps == b.steps == 8
     assert runs == [list(range(0, 16)), *[list(range(11, 16))] * 3,  # prefill + block 12..15, then row 11 with it
                     list(range(12, 20)), *[list(range(15, 20))] * 3]  # block 12..15 rewritten entering 16..19
+
+
+def test_the_greedy_block_start_stores_the_finished_block(tmp_path):
+    """Fast-dLLM v2: the pass that stores a finished block's K/V (the prefill at the start) commits the next
+    block's first column; each step then runs the row left of the block with it. One more pass commits the column
+    after the last block. Tokens and NFE equal no cache."""
+    model = load_model(write_checkpoint(str(tmp_path / "fdllm2"), "fast_dllm_v2", bd_size=4, seed=3))
+    cache = build_cache("block", cuda_graphs=False)
+    runs = []
+    update = cache.update
+    cache.update = lambda i, pos, k, v: (runs.append(pos.tolist()) if i == 0 else None, update(i, pos, k, v))[1]
+    batch = prompts(4, 8, 12, seed=5)
+    a = run(model, batch, cache, stops=(), gen_length=8, num_transfer_tokens=1)
+    b = run(model, batch, "none", stops=(), gen_length=8, num_transfer_tokens=1)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.nfe, b.nfe)
+    assert a.steps == 9 and a.nfe.tolist() == [9, 9, 9]  # 3 masks per block after its greedy column, 3 store passes
+    assert a.gen_lengths.tolist() == [9, 9, 9]  # 8 + the column after the last block
+    assert runs == [list(range(0, 12)), *[list(range(11, 16))] * 3,  # prefill (commits column 12), block 12..15
+                    list(range(12, 16)), *[list(range(15, 20))] * 3,  # store 12..15 (commits 16), block 16..19
+                    list(range(16, 20))]  # store 16..19, committing column 20
