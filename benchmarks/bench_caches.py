@@ -265,7 +265,9 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
         steps_ms = [(marks[i + 1] - marks[i]) * 1e3 for i in range(len(events))]
         peak = 0
     committed = int(out.committed.sum())
-    assert committed == B * blocks * block, (committed, B, blocks, block)  # every decoded block filled
+    # every decoded block filled (a block-diffusion model's first block starts with the prompt's tail)
+    tail = min(P % a.block_size, blocks * block) if a.block_size else 0
+    assert committed == B * (blocks * block - tail), (committed, B, blocks, block, tail)
     cache.forward = inner
     # a cache's own step counts (elastic: steps that refreshed), where it keeps them
     counts = {k: getattr(cache, k) for k in ("refresh_steps", "refreshed_layers", "cached_steps") if hasattr(cache, k)}
@@ -360,6 +362,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--shapes", default="256x256,512x512", help="prompt x generation lengths")
     ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--sub-block", type=int, default=0,
+                    help="decode a block-diffusion model in sub-blocks of this length (Fast-dLLM v2's release: 8); "
+                         "0 = its own blocks")
     ap.add_argument("--strategy", default="vanilla", help="decoding strategy (vanilla: one token per step)")
     ap.add_argument("--caches-b1", default="", help="caches timed at batch 1 (default: --caches)")
     ap.add_argument("--blocks-b1", type=int, default=0, help="blocks decoded at batch 1 (0 = all)")
@@ -412,9 +417,10 @@ def main() -> None:
             with torch.no_grad():  # compile the fused elementwise kernels for this batch size outside the timings
                 ids = torch.randint(0, model.args.mask_token_id, (B, shapes[0][0]), device=device)
                 model(ids, torch.arange(ids.shape[1], device=device).expand(B, -1))
-            for P, G in shapes:  # a block-diffusion model decodes its own blocks (cache=block)
-                rows += measure_shape(model, name, B, P, G, model.args.block_size or block, caches, eager, args,
-                                      floors, save, device)
+            # a block-diffusion model decodes its own blocks (cache=block), or sub-blocks of them (--sub-block)
+            own = (args.sub_block or model.args.block_size) if model.args.block_size else block
+            for P, G in shapes:
+                rows += measure_shape(model, name, B, P, G, own, caches, eager, args, floors, save, device)
             del model
             gc.collect()
             if device.type == "cuda":

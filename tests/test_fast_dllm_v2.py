@@ -375,20 +375,27 @@ def test_the_lm_eval_model_decodes_it_with_the_release_defaults(tied_dir):
 
 
 def test_dual_is_the_release_block_cache(tied_model):
-    """cache=dual on Fast-dLLM v2 is the release's ``use_block_cache``: a step runs the whole canvas at a
-    sub-block's first step and while the sub-block's first column is masked, and otherwise the sub-block's rows
-    alone (not the row left of it: that column is decoded then); refreshed every step it is no cache."""
+    """cache=dual on Fast-dLLM v2 is the release's ``use_block_cache``: a step runs the whole attention block at a
+    sub-block's first step and while the sub-block's first column is masked (the very first step also the prompt),
+    and otherwise the sub-block's rows alone (not the row left of it: that column is decoded then); the pass at
+    each attention block's start stores the finished block. Refreshed every step it is no cache."""
     from lmeval_dllm.caches import build_cache
     from lmeval_dllm.generate import GenerationConfig, generate
     from lmeval_dllm.samplers import Proposal, build_sampler
 
     prompt = torch.randint(0, 256, (37,), generator=torch.Generator().manual_seed(3)).tolist()
     cache = build_cache("dual", cuda_graphs=False)
-    seen, widths = [], []  # before each step: (first step of the sub-block?, its first column masked?); rows run
+    widths, calls = [], []  # rows of every pass; per step (sub-block's first step?, its first column masked?, rows)
     forward, update = cache.forward, cache.update
-    cache.forward = lambda model, state, *a, **k: (
-        seen.append((state.step_in_block == 0, bool(state.x[0, state.block.start] == state.mask_token_id))),
-        forward(model, state, *a, **k))[1]
+
+    def step(model, state, *a, **k):
+        n, first = len(widths), state.step_in_block == 0
+        masked = bool(state.x[0, state.block.start] == state.mask_token_id)
+        logits = forward(model, state, *a, **k)
+        calls.append((first, masked, widths[n:]))
+        return logits
+
+    cache.forward = step
     cache.update = lambda i, pos, k, v: (widths.append(pos.numel()) if i == 0 else None, update(i, pos, k, v))[1]
 
     def run(cache):
@@ -397,10 +404,11 @@ def test_dual_is_the_release_block_cache(tied_model):
                         stop_token_ids=torch.tensor([-1]), cache=cache)
 
     out = run(cache)
-    T = 32 + 64 + 1
-    assert widths == [T if first or masked else 8 for first, masked in seen]
-    assert widths.count(T) > len(seen) // 8 and widths.count(8) > 0  # refreshes beyond sub-block starts, and not
-    assert out.steps == len(seen) + 2  # + the passes of the greedy block start (columns 64 and 96)
+    assert calls[0] == (True, False, [64])  # the prompt's full block and the first block (the prompt's tail)
+    assert [rows for _, _, rows in calls[1:]] == [[32] if first or masked else [8] for first, masked, _ in calls[1:]]
+    assert sum(rows == [8] for _, _, rows in calls) > 0 and sum(rows == [32] for _, _, rows in calls) > 6
+    assert len(widths) == out.steps == len(calls) + 2  # + the store passes at columns 64 and 96, 32 rows each
+    assert sorted(widths).count(32) == sum(rows == [32] for _, _, rows in calls) + 2
     exact = run(build_cache("dual", refresh_interval=1, cuda_graphs=False))
     none = run(None)
     assert torch.equal(exact.tokens, none.tokens) and torch.equal(exact.nfe, none.nfe)

@@ -9,13 +9,16 @@ current) whatever the prompt and generation lengths.
 
 On Fast-dLLM v2 (Wu et al., arXiv:2509.26328) this is the release's block cache (``use_block_cache=True`` of
 ``v2/generation_functions.py``), sub-blocks being the decode blocks inside an attention block: a step runs the
-whole canvas while the sub-block's first column is still masked, in each row that has it so (the release decides
-for the whole batch at once, so a batch there is not each prompt alone; here it is), and otherwise only the
-sub-block's rows, without the row to their left (the release's; that column is decoded, so its logits are not
-needed).
+whole attention block at a sub-block's first step and while the sub-block's first column is still masked, in each
+row that has it so (the release decides for the whole batch at once, so a batch there is not each prompt alone;
+here it is), and otherwise only the sub-block's rows, without the row to their left (the release's; that column is
+decoded, so its logits are not needed). The pass that starts an attention block stores the finished one's final
+K/V (``block_start_logits``, as ``cache=block``), so nothing left of the current attention block is rerun.
 """
 
 from __future__ import annotations
+
+import torch
 
 from lmeval_dllm.caches.prefix import PrefixCache
 from lmeval_dllm.models import DiffusionLM, family_named
@@ -39,6 +42,37 @@ class DualCache(PrefixCache):
         super().setup(model, state)
         self.masked_start_refresh = model.block_size is not None and \
             family_named(model.args.family).autoregressive_block_start
+        self._final = 0  # Fast-dLLM v2: canvas columns [0, _final) hold final K/V (finished attention blocks)
+
+    def full_span(self, model: DiffusionLM, state: DecodeState) -> tuple[int, int]:
+        """Fast-dLLM v2: a full step runs the current attention block (from the first column whose K/V are not
+        final: at the first block, the prompt), as the release's block-cache refresh runs the block against its
+        stored prefix; the columns right of it are invisible to it (block-causal). After it every attention block
+        left of the current one is final."""
+        if not self.masked_start_refresh:
+            return super().full_span(model, state)
+        bs, q0 = model.block_size, self._final
+        self._final = state.block.start // bs * bs
+        return q0, min(-(-state.block.stop // bs) * bs, state.x.shape[1])
+
+    def block_start_logits(self, model: DiffusionLM, state: DecodeState, column: int) -> torch.Tensor:
+        """Fast-dLLM v2: the release's store pass, as ``cache=block`` makes it (the finished attention block, or
+        at the start the prompt's full blocks, write their final K/V); the logits (B, V) of ``column``."""
+        if not self.masked_start_refresh:
+            return super().block_start_logits(model, state, column)
+        q0, device = self._final, state.x.device
+        write = torch.arange(q0, column, device=device)
+        index = torch.tensor([column - model.logit_shift - q0], device=device)
+        mask = () if state.attention_mask is None else (state.attention_mask,)
+
+        def run(ids, pos, write, index, *mask):
+            return model(ids, pos, mask[0] if mask else None, self, index, input_pos=write)
+
+        key = ("store", *state.x.shape, column - q0, len(mask))
+        logits = self.graphs.run(key, run, state.x[:, q0:column], state.position_ids[:, q0:column], write, index,
+                                 *mask)
+        self._final = column
+        return logits[:, 0]
 
     def query_span(self, model: DiffusionLM, state: DecodeState) -> tuple[int, int]:
         if self.masked_start_refresh:

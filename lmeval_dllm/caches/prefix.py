@@ -58,7 +58,7 @@ class PrefixCache(Cache):
         # Fast-dLLM v2's block cache rule (cache=dual on that family, ``DualCache.setup``): a row whose block starts
         # with a mask runs the whole canvas, the others their block
         self.masked_start_refresh = False
-        self._keep: Optional[torch.Tensor] = None  # (B, T) bool during a mixed step: the K/V written fresh
+        self._keep: Optional[torch.Tensor] = None  # (B, Q) bool during a mixed step: the K/V written fresh
 
     # -- storage ------------------------------------------------------------------------------------------------
 
@@ -96,6 +96,10 @@ class PrefixCache(Cache):
         left of the block, the row that predicts the block's first column)."""
         return max(0, state.block.start - model.logit_shift), state.x.shape[1]
 
+    def full_span(self, model: DiffusionLM, state: DecodeState) -> tuple[int, int]:
+        """Canvas columns ``[q0, q1)`` a full step runs: all of them."""
+        return 0, state.x.shape[1]
+
     def full_step(self, state: DecodeState) -> bool:
         n = state.step_in_block
         return self._stale or n == 0 or (self.refresh_interval is not None and n % self.refresh_interval == 0)
@@ -124,10 +128,12 @@ class PrefixCache(Cache):
             if some:
                 full = True
                 if not every:  # the other rows keep their stored K/V outside their block, as at a cached step
-                    c0, c1 = self.query_span(model, state)
-                    col = torch.arange(T, device=state.x.device)
-                    keep = need[:, None] | ((col >= c0) & (col < c1))[None, :]
-        q0, q1 = (0, T) if full else self.query_span(model, state)
+                    keep = need
+        q0, q1 = self.full_span(model, state) if full else self.query_span(model, state)
+        if keep is not None:  # (B, Q) over the rows run
+            c0, c1 = self.query_span(model, state)
+            col = torch.arange(q0, q1, device=state.x.device)
+            keep = keep[:, None] | ((col >= c0) & (col < c1))[None, :]
         shift = model.logit_shift
         # Columns these rows predict; a strategy looking beyond them (logits_span="generation") gets zeros there.
         lo, hi = max(targets.start, q0 + shift), min(targets.stop, q1 + shift)
@@ -179,11 +185,11 @@ class PrefixCache(Cache):
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, Hkv, Q, Dh) of the rows run -> stored at key slots ``input_pos`` (Q,); returns every stored
         key and value (B, Hkv, T [+ E], Dh): the storage holds exactly the canvas and this step's extra rows.
-        A mixed step (``_keep``, every column run) writes fresh K/V only where ``_keep`` is True."""
+        A mixed step (``_keep``) writes fresh K/V only where ``_keep`` is True, keeping the stored ones elsewhere."""
         if self._keep is not None:
-            keep = self._keep[:, None, :, None]  # (B, 1, T, 1)
-            k = torch.where(keep, k, self.k[layer_idx, :, :, :k.shape[2]])
-            v = torch.where(keep, v, self.v[layer_idx, :, :, :v.shape[2]])
+            keep = self._keep[:, None, :, None]  # (B, 1, Q, 1)
+            k = torch.where(keep, k, self.k[layer_idx].index_select(2, input_pos))
+            v = torch.where(keep, v, self.v[layer_idx].index_select(2, input_pos))
         self.k[layer_idx].index_copy_(2, input_pos, k)
         self.v[layer_idx].index_copy_(2, input_pos, v)
         return self.k[layer_idx], self.v[layer_idx]
