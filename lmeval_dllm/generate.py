@@ -23,7 +23,10 @@
       the block loop runs until no block is left in the widest row.
    f. a ``multi_block`` sampler (d3LLM) keeps several blocks in flight: the loop then runs one block spanning the
       whole region and the sampler schedules its own blocks of ``block_length`` inside it.
-   g. a block that is still undecided after ``Sampler.step_budget(block_length)`` forward passes stops the call
+   g. a family with ``autoregressive_block_start`` (Fast-dLLM v2) commits each attention block's first column
+      greedily on entering it, from the cache's pass that stores the block before it (:func:`commit_block_start`;
+      one forward pass), before any strategy step; its canvas has one column after the last block for the last one.
+   h. a block that is still undecided after ``Sampler.step_budget(block_length)`` forward passes stops the call
       with an error naming the block, the step and the rows (a cache or sampler that never decodes would
       otherwise spin forever).
 3. A row *finishes* once a stop token (EOS / end-of-turn) is committed and every position before the first

@@ -55,8 +55,8 @@ class PrefixCache(Cache):
         self.block_graphs = StepGraphs(enabled=cuda_graphs)
         self._length = 0  # canvas length the stored K/V belong to
         self._stale = True  # nothing usable stored: the next step runs the whole canvas
-        # Fast-dLLM v2's block cache rule (cache=dual on that family, ``DualCache.setup``): a row whose block starts
-        # with a mask runs the whole canvas, the others their block
+        # Fast-dLLM v2's block cache rule (cache=dual on that family, ``DualCache.setup``): while a row's block
+        # starts with a mask it runs a full step (``full_span``), the others their block
         self.masked_start_refresh = False
         self._keep: Optional[torch.Tensor] = None  # (B, Q) bool during a mixed step: the K/V written fresh
 
