@@ -225,11 +225,14 @@ class SparseCache(Cache):
         index = torch.arange(rows.start, rows.stop, device=dev)
         write = torch.arange(K, K + q1 - q0, device=dev)
 
-        def run(ids, pos, write, idx, mask):
-            return model(ids, pos, mask, self, idx, input_pos=write)
+        def run(ids, pos, write, idx, *mask):
+            return model(ids, pos, mask[0] if mask else None, self, idx, input_pos=write)
 
-        logits = self.graphs.run(("sparse", B, T, K, q1 - q0, index.numel()), run, state.x[:, q0:q1],
-                                 state.position_ids[:, q0:q1], write, index, self.key_mask[:, :K + q1 - q0])
+        # Without padding or a row left of the block, every kept slot and block row is a key: no mask, so the
+        # attention can take its mask-free kernel (flash on the GPU); the key set is the same.
+        mask = () if state.attention_mask is None and not shift else (self.key_mask[:, :K + q1 - q0],)
+        logits = self.graphs.run(("sparse", B, T, K, q1 - q0, index.numel(), len(mask)), run, state.x[:, q0:q1],
+                                 state.position_ids[:, q0:q1], write, index, *mask)
         if (lo, hi) == (targets.start, targets.stop):
             return StepLogits(logits)
         # a strategy that reads beyond the block (logits_span="generation") gets zeros there, marked not fresh
