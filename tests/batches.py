@@ -40,3 +40,27 @@ def assert_each_row_as_alone(batch, encoded: list[list[int]], run_alone, label=N
         alone = run_alone(torch.tensor([e]))
         assert alone.tokens[0].tolist() == batch.tokens[i].tolist(), (label, i)
         assert alone.nfe[0] == batch.nfe[i], (label, i)
+
+
+def assert_block_cache_exact_and_rows_alone(model, strategy: str, kw: dict, lengths: tuple[int, ...], config,
+                                            stops: list[int], seed: int = 6) -> None:
+    """A block-causal model decoding random prompts of ``lengths`` (left-padded with 256) with ``strategy`` and
+    ``config``: cache=block gives no cache's tokens and NFE, and each row the answer of its prompt alone."""
+    from lmeval_dllm.caches import build_cache
+    from lmeval_dllm.generate import generate
+    from lmeval_dllm.samplers import Proposal, build_sampler
+
+    g = torch.Generator().manual_seed(seed)
+    batch = [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+    def run(prompts, cache):
+        ids, mask = pad_left(256, prompts)
+        return generate(model, ids, mask, build_sampler(strategy, Proposal.from_params(), **kw), config,
+                        stop_token_ids=torch.tensor(stops), cache=build_cache(cache, cuda_graphs=False))
+
+    out, exact = run(batch, "block"), run(batch, "none")
+    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.nfe, exact.nfe)
+    for i, p in enumerate(batch):
+        alone = run([p], "block")
+        n = int(alone.answer_length[0])
+        assert int(out.answer_length[i]) == n and out.tokens[i, :n].tolist() == alone.tokens[0, :n].tolist(), i

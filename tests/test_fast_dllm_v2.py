@@ -427,19 +427,24 @@ def test_lm_eval_runs_a_tiny_fast_dllm_v2_checkpoint(tmp_path, tied_dir):
         assert 2 <= s["nfe"] <= s["gen_length"] + 1, s
 
 
+@pytest.fixture(scope="module")
+def small_block_model(tmp_path_factory):
+    return load_model(write_checkpoint(str(tmp_path_factory.mktemp("tiny-fdllm2-b8")), "fast_dllm_v2", seed=4,
+                                       bd_size=8))
+
+
 @pytest.mark.parametrize("strategy", ["vanilla", "pc_sampler", "eb_sampler", "klass", "wino", "daedal", "ar",
                                       "hierarchy", "credit", "prophet", "d3llm", "llada21_edit"])
-def test_every_strategy_with_its_defaults_decodes_or_is_refused(tmp_path_factory, strategy):
+def test_every_strategy_with_its_defaults_decodes_or_is_refused(small_block_model, strategy):
     """On a small-block checkpoint (bd_size 8, sub-blocks of 4): a strategy either decodes with the greedy block
     start (cache=block giving no cache's tokens and NFE, a batch giving each prompt alone), or is refused before any
     model work, naming why (the strategies SDAR refuses too)."""
-    from batches import pad_left
+    from batches import assert_block_cache_exact_and_rows_alone
 
-    from lmeval_dllm.caches import CACHES, build_cache
-    from lmeval_dllm.generate import GenerationConfig, check_block_causal, generate
-    from lmeval_dllm.samplers import SAMPLERS, Proposal, build_sampler
+    from lmeval_dllm.caches import CACHES
+    from lmeval_dllm.generate import GenerationConfig, check_block_causal
+    from lmeval_dllm.samplers import SAMPLERS
 
-    model = small_block_model(tmp_path_factory)
     try:
         check_block_causal(8, SAMPLERS[strategy], CACHES["block"], 4)
     except ValueError as e:
@@ -447,28 +452,5 @@ def test_every_strategy_with_its_defaults_decodes_or_is_refused(tmp_path_factory
         assert strategy in ("wino", "daedal", "prophet", "klass", "d3llm"), strategy
         return
     kw = {"debias": False} if strategy == "pc_sampler" else {}
-    g = torch.Generator().manual_seed(6)
-    batch = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 8, 13)]
-
-    def run(prompts, cache):
-        ids, mask = pad_left(256, prompts)
-        return generate(model, ids, mask, build_sampler(strategy, Proposal.from_params(), **kw),
-                        GenerationConfig(16, 4), stop_token_ids=torch.tensor([258]),
-                        cache=build_cache(cache, cuda_graphs=False))
-
-    out, exact = run(batch, "block"), run(batch, "none")
-    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.nfe, exact.nfe)
-    for i, p in enumerate(batch):
-        alone = run([p], "block")
-        n = int(alone.answer_length[0])
-        assert int(out.answer_length[i]) == n and out.tokens[i, :n].tolist() == alone.tokens[0, :n].tolist(), i
-
-
-_SMALL = {}
-
-
-def small_block_model(tmp_path_factory):
-    if "m" not in _SMALL:
-        _SMALL["m"] = load_model(write_checkpoint(str(tmp_path_factory.mktemp("tiny-fdllm2-b8")), "fast_dllm_v2",
-                                                  seed=4, bd_size=8))
-    return _SMALL["m"]
+    assert_block_cache_exact_and_rows_alone(small_block_model, strategy, kw, (3, 8, 13), GenerationConfig(16, 4),
+                                            [258])

@@ -16,7 +16,7 @@ from functools import partial
 
 import pytest
 import torch
-from batches import pad_left
+from batches import assert_block_cache_exact_and_rows_alone, pad_left
 from models_support import official, rms_norm, rope_tables, rotate, swiglu
 
 from lmeval_dllm.caches import CACHES, build_cache
@@ -369,21 +369,7 @@ def test_every_strategy_with_its_defaults_decodes_or_is_refused(sdar_model, stra
             check_block_causal(4, SAMPLERS[strategy], CACHES["block"], 4)
         return
     kw = {"debias": False} if strategy == "pc_sampler" else {}
-    g = torch.Generator().manual_seed(6)
-    batch = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 4, 7)]
-
-    def run(prompts, cache):
-        ids, mask = pad_left(256, prompts)
-        return generate(sdar_model, ids, mask, build_sampler(strategy, Proposal.from_params(), **kw),
-                        GenerationConfig(8, 4), stop_token_ids=torch.tensor([256, 258]),
-                        cache=build_cache(cache, cuda_graphs=False))
-
-    out, exact = run(batch, "block"), run(batch, "none")
-    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.nfe, exact.nfe)
-    for i, p in enumerate(batch):
-        alone = run([p], "block")
-        n = int(alone.answer_length[0])
-        assert int(out.answer_length[i]) == n and out.tokens[i, :n].tolist() == alone.tokens[0, :n].tolist(), i
+    assert_block_cache_exact_and_rows_alone(sdar_model, strategy, kw, (2, 4, 7), GenerationConfig(8, 4), [256, 258])
 
 
 def test_the_lm_eval_model_defaults_and_refuses_loglikelihood(sdar_dir):

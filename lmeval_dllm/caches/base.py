@@ -97,6 +97,23 @@ def target_rows(model: DiffusionLM, targets: slice, q0: int, q1: int) -> slice:
     return slice(start - q0, stop - q0)
 
 
+def stored_column_logits(cache: "Cache", model: DiffusionLM, state: DecodeState, q0: int, column: int) -> torch.Tensor:
+    """Run canvas rows ``[q0, column)`` with ``cache``'s layer hooks (each row's K/V written at its own column, as
+    ``update`` stores them) and return the logits (B, V) of ``column`` (from row ``column - logit_shift``): the pass
+    that stores a finished block (``Cache.block_start_logits`` of the caches that keep finished blocks' K/V)."""
+    device = state.x.device
+    write = torch.arange(q0, column, device=device)
+    index = torch.tensor([column - model.logit_shift - q0], device=device)
+    mask = () if state.attention_mask is None else (state.attention_mask,)
+
+    def run(ids, pos, write, index, *mask):
+        return model(ids, pos, mask[0] if mask else None, cache, index, input_pos=write)
+
+    key = ("store", *state.x.shape, column - q0, len(mask))
+    return cache.graphs.run(key, run, state.x[:, q0:column], state.position_ids[:, q0:column], write, index,
+                            *mask)[:, 0]
+
+
 # Constructor options of every cache that are engine settings, not the method's parameters (``cache_params``
 # leaves them out; ``--model_args`` sets them for the model and the cache together).
 ENGINE_OPTIONS = ("cuda_graphs",)

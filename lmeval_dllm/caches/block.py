@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache, target_rows
+from lmeval_dllm.caches.base import Cache, stored_column_logits, target_rows
 from lmeval_dllm.models import DiffusionLM, block_causal_families
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
@@ -105,19 +105,9 @@ class BlockCache(Cache):
         """The release's store pass (Fast-dLLM v2): the rows whose K/V are not final yet, up to ``column`` (the
         finished block, or at the first block the prompt's full blocks), write their final K/V; returns the logits
         (B, V) of ``column`` (from row ``column - 1``)."""
-        q0, q1 = self._final, column
-        device = state.x.device
-        write = torch.arange(q0, q1, device=device)
-        index = torch.tensor([column - model.logit_shift - q0], device=device)
-        mask = () if state.attention_mask is None else (state.attention_mask,)
-
-        def run(ids, pos, write, index, *mask):
-            return model(ids, pos, mask[0] if mask else None, self, index, input_pos=write)
-
-        key = ("store", *state.x.shape, q1 - q0, len(mask))
-        logits = self.graphs.run(key, run, state.x[:, q0:q1], state.position_ids[:, q0:q1], write, index, *mask)
+        logits = stored_column_logits(self, model, state, self._final, column)
         self._final = column
-        return logits[:, 0]
+        return logits
 
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

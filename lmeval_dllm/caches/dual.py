@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from lmeval_dllm.caches.base import stored_column_logits
 from lmeval_dllm.caches.prefix import PrefixCache
 from lmeval_dllm.models import DiffusionLM, family_named
 from lmeval_dllm.state import DecodeState
@@ -60,19 +61,9 @@ class DualCache(PrefixCache):
         at the start the prompt's full blocks, write their final K/V); the logits (B, V) of ``column``."""
         if not self.masked_start_refresh:
             return super().block_start_logits(model, state, column)
-        q0, device = self._final, state.x.device
-        write = torch.arange(q0, column, device=device)
-        index = torch.tensor([column - model.logit_shift - q0], device=device)
-        mask = () if state.attention_mask is None else (state.attention_mask,)
-
-        def run(ids, pos, write, index, *mask):
-            return model(ids, pos, mask[0] if mask else None, self, index, input_pos=write)
-
-        key = ("store", *state.x.shape, column - q0, len(mask))
-        logits = self.graphs.run(key, run, state.x[:, q0:column], state.position_ids[:, q0:column], write, index,
-                                 *mask)
+        logits = stored_column_logits(self, model, state, self._final, column)
         self._final = column
-        return logits[:, 0]
+        return logits
 
     def query_span(self, model: DiffusionLM, state: DecodeState) -> tuple[int, int]:
         if self.masked_start_refresh:
