@@ -6,7 +6,8 @@ block-diffusion model runs a block (and the row left of it) against every key sl
 Shapes (bf16): Fast-dLLM v2 7B (28 query / 4 KV heads), SDAR-8B (32 / 8), head dim 128; keys = a 256 + 256 canvas
 (+1 for Fast-dLLM v2's column after the last block); the block at generation block 2. For each: the mask the model
 builds (``transformer.block_causal``) with PyTorch's choice, then each backend forced; and, for reference, the
-same queries over only their visible keys with no mask (what a sliced-key kernel would cost). Prints a table of
+same queries over only their visible keys with no mask (what a sliced-key kernel would cost); and the model's own
+call on a GPU, flash attention's variable-length kernel over each block's visible keys (``models/flash.py``). Prints a table of
 GPU microseconds per call (50 calls in one CUDA graph, median of 5 replays).
 """
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmeval_dllm.models.flash import block_causal_flash, block_runs
 from lmeval_dllm.models.transformer import block_causal
 
 SHAPES = {  # name: (query heads, kv heads, block size, rows run, keys)
@@ -82,6 +84,13 @@ def main() -> None:
             except RuntimeError as e:
                 us, err = float("nan"), str(e).splitlines()[0][:80]
             rows.append(dict(shape=name, backend=backend, mask="block-causal", keys=T, us=us, max_abs_diff=err))
+        runs = block_runs(cols, 1, T, bs, None)  # once per forward in the model; the layers share it
+        want = ref.transpose(1, 2).reshape(1, Q, -1)
+
+        def call():
+            return block_causal_flash(q, k, v, runs)
+        rows.append(dict(shape=name, backend="flash varlen (models/flash.py)", mask="block runs", keys=T,
+                         us=timed(call), max_abs_diff=(call() - want).abs().max().item()))
         kv = k[:, :, :visible], v[:, :, :visible]
         for backend in ("auto", "flash"):
             def call():

@@ -372,8 +372,15 @@ def main() -> None:
     ap.add_argument("--eager", default="none,dual", help="caches also timed without CUDA graphs (batch 1, 256/256)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the script)")
     ap.add_argument("--profile", default="", help="model:cache pairs to profile (GPU), e.g. llada-8b:dual")
+    ap.add_argument("--masked-attention", action="store_true",
+                    help="block-causal models attend through SDPA with the explicit mask instead of flash attention's "
+                         "variable-length kernel (models/flash.py): the A/B of that kernel")
     ap.add_argument("--out", default="bench_caches.json")
     args = ap.parse_args()
+    if args.masked_attention:
+        from lmeval_dllm.models import transformer
+
+        transformer.flash_supported = lambda q, k: False
 
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32

@@ -12,7 +12,7 @@ import torch
 
 from lmeval_dllm.caches import Cache, build_cache, check_compatible
 from lmeval_dllm.generate import GenerationConfig, check_block_causal, generate
-from lmeval_dllm.models import DiffusionLM, ModelArgs, MoEArgs
+from lmeval_dllm.models import DiffusionLM, ModelArgs, MoEArgs, transformer
 from lmeval_dllm.samplers import Proposal, build_sampler, sampler_class
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -126,6 +126,39 @@ def test_fused_kernels_match_the_plain_ops(family):
     plain, plain_logits = decode(random_model(family, fuse=False), "vanilla", Cache(cuda_graphs=False), first)
     assert torch.equal(fused, plain)
     assert max((a - b).abs().max().item() for a, b in zip(fused_logits, plain_logits)) <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_v2", "llada2"])
+def test_block_causal_flash_attention_decodes_as_the_masked_kernel(family, monkeypatch):
+    """In bfloat16 a block-causal model attends on flash attention's variable-length kernel (models/flash.py):
+    with it, every cache gives the tokens it gives on the masked SDPA path (turned off), for a padded batch and
+    an unpadded one, eagerly and under CUDA graphs; the logits agree within bfloat16 rounding."""
+    model = random_model(family, dtype=torch.bfloat16, block_size=8)  # LLaDA2's test shape is bidirectional
+    first, _ = batches(model)
+    calls = []
+    real = transformer.block_causal_flash
+    monkeypatch.setattr(transformer, "block_causal_flash", lambda *a: (calls.append(1), real(*a))[1])
+    checked = 0
+    for batch in (first, (first[0], None)):
+        for name in ("none", "block", "prefix", "dual"):
+            try:
+                check_block_causal(model.args.block_size, sampler_class("vanilla"), build_cache(name), 8)
+            except ValueError:
+                continue
+            before = len(calls)
+            flash, flash_logits = decode(model, "vanilla", build_cache(name, cuda_graphs=False), batch)
+            assert len(calls) > before, name  # the flash path was taken
+            assert torch.equal(decode(model, "vanilla", build_cache(name), batch)[0], flash), name
+            with monkeypatch.context() as m:
+                m.setattr(transformer, "flash_supported", lambda q, k: False)
+                before = len(calls)
+                masked, masked_logits = decode(model, "vanilla", build_cache(name, cuda_graphs=False), batch)
+                assert len(calls) == before
+            assert torch.equal(flash, masked), (name, batch[1] is None, (flash != masked).sum().item())
+            diff = max((a - b).abs().max().item() for a, b in zip(flash_logits, masked_logits))
+            assert diff <= 0.1, (name, diff)
+            checked += 1
+    assert checked >= 6
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe", "llada2", "sdar", "fast_dllm_v2"])

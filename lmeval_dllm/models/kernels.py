@@ -49,6 +49,24 @@ def rope_native(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     return rotary(q, cos, sin), rotary(k, cos, sin)
 
 
+def norm_rope_fp32(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor):
+    """Per-head q/k RMSNorm (``qk_norm``: one weight of head_dim for all heads), then :func:`rope_fp32`."""
+    return rope_fp32(rms_norm(q, wq, eps), rms_norm(k, wk, eps), cos, sin)
+
+
+def norm_rope_native(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, eps: float,
+                     cos: torch.Tensor, sin: torch.Tensor):
+    """Per-head q/k RMSNorm, then :func:`rope_native` (SDAR, LLaDA-MoE, LLaDA2): one kernel instead of three."""
+    return rope_native(rms_norm(q, wq, eps), rms_norm(k, wk, eps), cos, sin)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next RMSNorm: (h + delta, rms_norm(h + delta)), one kernel instead of two."""
+    h = h + delta
+    return h, rms_norm(h, weight, eps)
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """[gate; up] (..., 2I) -> silu(gate) * up (..., I)."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -58,7 +76,8 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
 def _row_dims(fn: Callable, x: torch.Tensor) -> tuple[int, ...]:
     """The dimensions of an argument of ``fn`` that change from step to step: batch and rows (the rows a cache
     runs vary by step and block). Hidden sizes and heads are fixed per model."""
-    if fn in (rope_fp32, rope_native) and x.dim() == 4:  # q, k (B, H, Q, Dh); cos, sin (B, 1, Q, Dh)
+    if fn in (rope_fp32, rope_native, norm_rope_fp32, norm_rope_native) and x.dim() == 4:
+        # q, k (B, H, Q, Dh); cos, sin (B, 1, Q, Dh)
         return (0, 2)
     return tuple(range(x.dim() - 1))  # (..., features)
 

@@ -32,7 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmeval_dllm.models.kernels import kernel, rms_norm, rope_fp32, rope_native, swiglu
+from lmeval_dllm.models.flash import BlockRuns, block_causal_flash, block_runs, flash_supported
+from lmeval_dllm.models.kernels import (add_rms_norm, kernel, norm_rope_fp32, norm_rope_native, rms_norm, rope_fp32,
+                                        rope_native, swiglu)
 from lmeval_dllm.models.rows import RowSubset, gather_rope, gather_rows
 
 # SDPA grew native grouped-query attention in torch 2.5; before that we expand K/V ourselves.
@@ -157,11 +159,21 @@ def block_causal(query_cols: torch.Tensor, keys: int, block_size: int,
 
 @dataclass
 class BlockQueries:
-    """The canvas columns of the rows a forward runs (cols (1|B, Q) long), for block-causal attention, with the
-    masks built from them in this forward (``memo``: key count -> (padding mask, block-causal mask)), so that the
-    layers share one mask instead of building it each."""
+    """The canvas columns of the rows a forward runs (cols (1|B, Q) long, consecutive in each row), for
+    block-causal attention, with the masks built from them in this forward (``memo``: key count -> (padding mask,
+    block-causal mask)) and the flash kernel's runs (``("runs", key count)`` -> (padding mask, runs)), so that the
+    layers share one instead of building it each."""
     cols: torch.Tensor
     memo: dict = field(default_factory=dict)
+
+    def runs(self, batch: int, keys: int, block_size: int, attn_mask: Optional[torch.Tensor]) -> BlockRuns:
+        """:func:`~lmeval_dllm.models.flash.block_runs` of these queries; attn_mask (B, 1, 1, keys) or None."""
+        hit = self.memo.get(("runs", keys))
+        if hit is not None and hit[0] is attn_mask:
+            return hit[1]
+        runs = block_runs(self.cols, batch, keys, block_size, None if attn_mask is None else attn_mask[:, 0, 0])
+        self.memo[("runs", keys)] = (attn_mask, runs)
+        return runs
 
 
 class RMSNorm(nn.Module):
@@ -208,12 +220,13 @@ class Block(nn.Module):
         """h (B, Q, D) -> q (B, Hq, Q, Dh), k and v (B, Hkv, Q, Dh); RoPE applied to q and k."""
         B, Q, _ = h.shape
         q, k, v = self.wqkv(self.attn_norm(h)).split(self.qkv_split, dim=-1)
-        q = q.view(B, Q, self.n_heads, self.head_dim)
-        k = k.view(B, Q, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # over head_dim, before RoPE (modeling_lladamoe.py: q_norm(q.reshape(-1, Dh)))
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q = q.view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:  # over head_dim, before RoPE (modeling_lladamoe.py: q_norm(q.reshape(-1, Dh)))
+            fn = norm_rope_fp32 if self.rope_fp32 else norm_rope_native
+            return (*kernel(fn, q, self.fuse)(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos,
+                                              sin), v)
         rope = rope_fp32 if self.rope_fp32 else rope_native  # LLaDA rotates in float32, Dream in the model dtype
         q, k = kernel(rope, q, self.fuse)(q, k, cos, sin)
         return q, k, v
@@ -233,9 +246,15 @@ class Block(nn.Module):
 
         Bidirectional, or block-causal when the model has a ``block_size``: then ``query_cols`` holds the canvas
         columns of the queries ((1|B, Q) long), key j is canvas column j, and :func:`block_causal` is combined
-        with ``attn_mask``. Returns the output projection (B, Q, D).
+        with ``attn_mask``. On a GPU (fused model, half precision, a key-padding mask or none) that is flash
+        attention over each block's visible keys (``models/flash.py``), without a mask. Returns the output
+        projection (B, Q, D).
         """
         if self.block_size is not None:
+            key_mask = attn_mask is None or attn_mask.shape[2] == 1  # (B, 1, 1, T): the canvas window
+            if key_mask and self.fuse and flash_supported(q, k):
+                runs = query_cols.runs(q.shape[0], k.shape[2], self.block_size, attn_mask)
+                return self.wo(block_causal_flash(q, k, v, runs))
             attn_mask = self.block_mask(query_cols, k.shape[2], attn_mask)
         if self.n_kv_heads != self.n_heads:
             if _SDPA_HAS_GQA:
@@ -263,9 +282,13 @@ class Block(nn.Module):
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input, or the mixture of experts (:class:`MoE`).
         (B, Q, D) -> (B, Q, D)."""
+        return self.ffn(self.mlp_norm(h))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`mlp` of the already normed stream x (B, Q, D)."""
         if self.moe is not None:
-            return self.moe(self.mlp_norm(h))
-        gate_up = self.w13(self.mlp_norm(h))
+            return self.moe(x)
+        gate_up = self.w13(x)
         return self.w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -285,8 +308,10 @@ class Block(nn.Module):
                 k, v = cache.update(i, input_pos, k, v)
                 if cache.needs_attention:
                     cache.observe_attention(i, q, k)
-            h = h + self.attend(q, k, v, attn_mask, query_cols)
-            return h + self.mlp(h)
+            norm = self.mlp_norm
+            h, x = kernel(add_rms_norm, h, self.fuse)(h, self.attend(q, k, v, attn_mask, query_cols), norm.weight,
+                                                      norm.eps)
+            return h + self.ffn(x)
         attn = None
         if rows.count:
             index = rows.index
@@ -461,7 +486,9 @@ class DiffusionLM(nn.Module):
 
     Args:
         args: the architecture (from the family's ``parse_config``).
-        fuse: run the elementwise stages as fused CUDA kernels (``models/kernels.py``); no effect on the CPU.
+        fuse: run the elementwise stages as fused CUDA kernels (``models/kernels.py``), and block-causal
+            attention in half precision on flash attention's variable-length kernel (``models/flash.py``); no
+            effect on the CPU. False: the plain ops (the GPU tests' reference).
     """
 
     def __init__(self, args: ModelArgs, *, fuse: bool = True):
