@@ -7,8 +7,8 @@ Shapes (bf16): Fast-dLLM v2 7B (28 query / 4 KV heads), SDAR-8B (32 / 8), head d
 (+1 for Fast-dLLM v2's column after the last block); the block at generation block 2. For each: the mask the model
 builds (``transformer.block_causal``) with PyTorch's choice, then each backend forced; and, for reference, the
 same queries over only their visible keys with no mask (what a sliced-key kernel would cost); and the model's own
-call on a GPU, flash attention's variable-length kernel over each block's visible keys (``models/flash.py``). Prints a table of
-GPU microseconds per call (50 calls in one CUDA graph, median of 5 replays).
+call on a GPU, flash attention's variable-length kernel over each block's visible keys (``models/flash.py``).
+Prints a table of GPU microseconds per call (50 calls in one CUDA graph, median of 5 replays).
 """
 
 from __future__ import annotations

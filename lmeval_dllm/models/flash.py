@@ -118,10 +118,11 @@ def _flash_available(device: torch.device) -> bool:
 def _slots(x: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
     """x (B, H, T, Dh) read in place as (tokens, H, Dh): slot t of row b, head h is element ``b * s0 + h * s1 +
     t * s2`` of its storage, so with row stride s2 and head stride s1, row b's slot t is "token" ``b * s0 / s2 + t``.
-    Returns the view and s0 / s2, or None when the rows are not whole strides apart (or Dh is not contiguous)."""
+    Returns the view and s0 / s2, or None when the rows are not whole, disjoint strides apart (or Dh is not
+    contiguous)."""
     B, H, T, D = x.shape
     s0, s1, s2, s3 = x.stride()
-    if s3 != 1 or s2 <= 0 or (B > 1 and s0 % s2):
+    if s3 != 1 or s2 <= 0 or (B > 1 and (s0 % s2 or s0 // s2 < T)):
         return None
     per_row = s0 // s2 if B > 1 else T
     return x.as_strided(((B - 1) * per_row + T, H, D), (s2, s1, 1)), per_row
