@@ -187,8 +187,9 @@ def block_causal_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: 
     (k_flat, per_row), (v_flat, _) = ks, vs
     cu_k = runs.key_offsets(per_row, k_flat.shape[0])
     S = runs.splits
-    # (S * B * Q, Hq, D): each piece's copy of the rows, in one copy (none when S == 1 and q is token-major)
-    q_flat = q.transpose(1, 2)[None].expand(S, B, Q, Hq, D).reshape(S * B * Q, Hq, D)
+    q_flat = q.transpose(1, 2).reshape(B * Q, Hq, D)
+    if S > 1:
+        q_flat = q_flat.repeat(S, 1, 1)  # (S * B * Q, Hq, D): each piece's copy of the rows
     out, lse = torch.ops.aten._flash_attention_forward(
         q_flat, k_flat, v_flat, runs.cu_q, cu_k, runs.max_q, T, 0.0, False, False, seqused_k=runs.key_count)[:2]
     if S > 1:  # lse (Hq, S * B * Q) float32
