@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lmeval_dllm.models.flash import block_causal_flash, block_runs, runs_per_row, sm_count, split_count
+from lmeval_dllm.models.flash import block_causal_flash, block_runs
 from lmeval_dllm.models.transformer import block_causal
 
 SHAPES = {  # name: (query heads, kv heads, block size, rows run, keys)
@@ -84,17 +84,13 @@ def main() -> None:
             except RuntimeError as e:
                 us, err = float("nan"), str(e).splitlines()[0][:80]
             rows.append(dict(shape=name, backend=backend, mask="block-causal", keys=T, us=us, max_abs_diff=err))
+        runs = block_runs(cols, 1, T, bs, None)  # once per forward in the model; the layers share it
         want = ref.transpose(1, 2).reshape(1, Q, -1)
-        chosen = split_count(runs_per_row(Q, bs), H, T, sm_count(dev))
-        for splits in sorted({1, chosen}):
-            runs = block_runs(cols, 1, T, bs, None, splits)  # once per forward in the model; the layers share it
 
-            def call():
-                return block_causal_flash(q, k, v, runs)
-            label = f"flash varlen (models/flash.py), keys in {splits} piece{'s' if splits > 1 else ''}" + \
-                (" (the model's)" if splits == chosen else "")
-            rows.append(dict(shape=name, backend=label, mask="block runs", keys=T, us=timed(call),
-                             max_abs_diff=(call() - want).abs().max().item()))
+        def call():
+            return block_causal_flash(q, k, v, runs)
+        rows.append(dict(shape=name, backend="flash varlen (models/flash.py)", mask="block runs", keys=T,
+                         us=timed(call), max_abs_diff=(call() - want).abs().max().item()))
         kv = k[:, :, :visible], v[:, :, :visible]
         for backend in ("auto", "flash"):
             def call():

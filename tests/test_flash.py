@@ -8,28 +8,21 @@ import torch
 import torch.nn.functional as F
 
 from lmeval_dllm.generate import block_aligned_canvas
-from lmeval_dllm.models.flash import block_causal_flash, block_runs, flash_supported, merge_pieces, split_count
+from lmeval_dllm.models.flash import block_causal_flash, block_runs, flash_supported
 from lmeval_dllm.models.transformer import block_causal
 
 
 def expand(runs, B: int, Q: int, T: int) -> torch.Tensor:
-    """The (B, Q, T) bool mask the runs attend with: sequence i (piece s of run n) gives its rows slots
-    [key_start, key_start + key_count); the pieces of a row's run must be disjoint."""
-    S, _, G = runs.key_start.shape
+    """The (B, Q, T) bool mask the runs attend with: run n's rows see slots [key_start, key_start + key_count)."""
+    G = runs.key_start.shape[1]
     out = torch.zeros(B, Q, T, dtype=torch.bool)
     cu = runs.cu_q.tolist()
-    assert len(cu) == S * B * G + 1 and cu[-1] == S * B * Q
-    for i in range(S * B * G):
-        s, n = divmod(i, B * G)
+    for n in range(B * G):
         b, g = divmod(n, G)
-        lo, count = int(runs.key_start[s, b, g]), int(runs.key_count[i])
-        for r in range(cu[i], cu[i + 1]):
-            assert r // (B * Q) == s and r % (B * Q) // Q == b, "a sequence's rows are its piece's copy of one row"
-            row = out[b, r % Q]
-            assert not row[lo:lo + count].any(), "pieces overlap"
-            row[lo:lo + count] = True
-            if runs.valid is not None:
-                assert bool(runs.valid[s, r % (B * Q), 0]) == (count > 0)
+        lo, count = int(runs.key_start[b, g]), int(runs.key_count[n])
+        for r in range(cu[n], cu[n + 1]):
+            assert r // Q == b, "a run's rows belong to one row of the batch"
+            out[b, r % Q, lo:lo + count] = True
     return out
 
 
@@ -50,16 +43,15 @@ def test_runs_are_the_block_causal_mask_of_every_real_query(lengths, gen, bs, gr
     spans = [(0, T), (max(0, T - gen - 1), T), (bs - 1, 2 * bs), (T - 1, T), (3, 3 + bs), (0, 1)]
     for q0, q1 in spans:
         cols = torch.arange(q0, q1)[None]
+        runs = block_runs(cols, B, T, bs, window)
+        got = expand(runs, B, q1 - q0, T)
         want = block_causal(cols, T, bs, window[:, None, None, :])[:, 0]  # (B, Q, T)
         real = window[:, q0:q1]  # (B, Q) queries inside their row's window
-        for splits in (1, 2, 3, 8):
-            runs = block_runs(cols, B, T, bs, window, splits)
-            got = expand(runs, B, q1 - q0, T)
-            assert torch.equal(got[real], want[real]), (q0, q1, splits)
-            # a query outside the window attends to real keys only, at least one
-            assert (got.sum(-1) >= 1).all()
-            assert not (got & ~window[:, None, :]).any()
-            assert runs.max_q == max(2, min(q1 - q0, bs)) and runs.splits == splits
+        assert torch.equal(got[real], want[real]), (q0, q1)
+        # a query outside the window attends to real keys only, at least one
+        assert (got.sum(-1) >= 1).all()
+        assert not (got & ~window[:, None, :]).any()
+        assert runs.max_q == max(2, min(q1 - q0, bs))
 
 
 def test_runs_without_a_mask_and_per_row_columns():
@@ -69,40 +61,8 @@ def test_runs_without_a_mask_and_per_row_columns():
     assert torch.equal(expand(runs, 2, 9, T), block_causal(cols, T, bs, None)[:, 0])
     assert runs.cu_q.tolist() == [0, 3, 7, 9, 9, 13, 17, 18, 18]  # row 0: blocks 1, 2, 3; row 1: blocks 2, 3, 4, none
     assert runs.key_count.tolist() == [8, 12, 16, 1, 12, 16, 20, 1]  # an empty run: 1 (never read)
-    runs = block_runs(cols, 2, T, bs, None, 3)  # 8 keys: pieces of 3, 3, 2; 1 key: 1, 0, 0
-    assert torch.equal(expand(runs, 2, 9, T), block_causal(cols, T, bs, None)[:, 0])
-    assert runs.key_count.view(3, 8)[:, 0].tolist() == [3, 3, 2] and runs.key_count.view(3, 8)[:, 3].tolist() == \
-        [1, 0, 0]
-    assert runs.key_start[:, 0, 0].tolist() == [0, 3, 6]
     cols = torch.arange(20, 22)[None]  # the last block (20..23) reaches past the slots: it sees them all
     assert torch.equal(expand(block_runs(cols, 1, T, bs, None), 1, 2, T), torch.ones(1, 2, T, dtype=torch.bool))
-
-
-def test_merge_pieces_is_attention_over_the_union_of_the_pieces():
-    torch.manual_seed(0)
-    R, H, D, T = 5, 3, 8, 23
-    q, k, v = torch.randn(R, H, D, dtype=torch.float64), torch.randn(T, H, D, dtype=torch.float64), \
-        torch.randn(T, H, D, dtype=torch.float64)
-    scores = torch.einsum("rhd,thd->rht", q, k) / D ** 0.5
-    full = torch.einsum("rht,thd->rhd", scores.softmax(-1), v)
-    cuts = [0, 9, 9, 17, T]  # 4 pieces, the second empty
-    outs, lses, valid = [], [], []
-    for a, b in zip(cuts, cuts[1:]):
-        sc = scores[..., a:b]
-        outs.append(torch.einsum("rht,thd->rhd", sc.softmax(-1), v[a:b]) if b > a else torch.zeros(R, H, D,
-                                                                                                     dtype=q.dtype))
-        lses.append(sc.logsumexp(-1) if b > a else torch.full((R, H), float("inf"), dtype=q.dtype))  # as flash
-        valid.append(torch.full((R, 1), b > a))
-    got = merge_pieces(torch.stack(outs), torch.stack(lses).float(), torch.stack(valid))
-    assert got.dtype == torch.float64 and (got - full).abs().max().item() < 1e-6
-
-
-def test_split_count():
-    assert split_count(3, 28, 513, 132) == 4  # Fast-dLLM v2 at batch 1: 33 rows in 3 runs, 28 heads
-    assert split_count(3, 32, 512, 132) == 3  # SDAR-8B at batch 1
-    assert split_count(64 * 3, 28, 513, 132) == 1  # batch 64 fills the GPU
-    assert split_count(3, 28, 200, 132) == 1  # pieces of at least 128 keys
-    assert split_count(1, 1, 4096, 132) == 8
 
 
 def test_flash_is_not_taken_where_it_cannot_run():
@@ -139,24 +99,21 @@ def test_flash_equals_masked_sdpa_in_and_out_of_cuda_graphs(Hq, Hkv, D, bs):
         for q0, q1 in [(0, T), (2 * bs - 1, 3 * bs), (3 * bs, 4 * bs), (T - 1, T)]:
             cols = torch.arange(q0, q1, device=dev)[None]
             q = torch.randn(B, Hq, q1 - q0, D, device=dev, dtype=dt)
+            got = block_causal_flash(q, k, v, block_runs(cols, B, T, bs, mask))
             want = reference(q, cols, mask)
             real = torch.ones(B, q1 - q0, dtype=torch.bool, device=dev) if mask is None else mask[:, q0:q1]
-            for splits in (1, 3):
-                got = block_causal_flash(q, k, v, block_runs(cols, B, T, bs, mask, splits))
-                assert (got.float() - want)[real].abs().max().item() < 2e-2, (mask is None, q0, q1, splits)
-                assert torch.isfinite(got).all()
+            assert (got.float() - want)[real].abs().max().item() < 2e-2, (mask is None, q0, q1)
+            assert torch.isfinite(got).all()
     # one graph, replayed at other blocks (the runs come from the columns tensor): equal to eager
     Q = bs + 1
     cols = torch.arange(bs - 1, 2 * bs, device=dev)[None]
     q = torch.randn(B, Hq, Q, D, device=dev, dtype=dt)
-    for splits in (1, 2):
-        graph = torch.cuda.CUDAGraph()
-        block_causal_flash(q, k, v, block_runs(cols, B, T, bs, window, splits))  # warm up (compiles the merge)
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph):
-            out = block_causal_flash(q, k, v, block_runs(cols, B, T, bs, window, splits))
-        for start in (bs - 1, 2 * bs - 1, 3 * bs - 1):
-            cols.copy_(torch.arange(start, start + Q, device=dev)[None])
-            graph.replay()
-            assert torch.equal(out, block_causal_flash(q, k, v, block_runs(cols, B, T, bs, window, splits))), start
-        cols.copy_(torch.arange(bs - 1, 2 * bs, device=dev)[None])
+    graph = torch.cuda.CUDAGraph()
+    block_causal_flash(q, k, v, block_runs(cols, B, T, bs, window))  # warm up
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = block_causal_flash(q, k, v, block_runs(cols, B, T, bs, window))
+    for start in (bs - 1, 2 * bs - 1, 3 * bs - 1):
+        cols.copy_(torch.arange(start, start + Q, device=dev)[None])
+        graph.replay()
+        assert torch.equal(out, block_causal_flash(q, k, v, block_runs(cols, B, T, bs, window))), start

@@ -27,72 +27,38 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lmeval_dllm.models.kernels import kernel
-
 
 @dataclass
 class BlockRuns:
-    """The runs of one forward's rows, as flash attention's variable-length call takes them: N = B * G runs (G per
-    row of the batch, the unused ones empty), each cut into S pieces of its keys (``splits``), S * N sequences in
-    all, ordered piece-major (sequence s * N + n is piece s of run n).
+    """The runs of one forward's rows, as flash attention's variable-length call takes them (N = B * G runs, G
+    per row of the batch, the unused ones empty).
 
     Attributes:
-        cu_q: (S * N + 1,) int32, sequence i's queries are rows ``[cu_q[i], cu_q[i + 1])`` of the (S * B * Q)
-            packed rows (piece s holds its own copy of the B * Q rows).
-        key_start: (S, B, G) long, the first key slot of each piece of each run.
-        key_count: (S * N,) int32, how many consecutive slots from there the piece reads (the first piece >= 1;
-            later pieces may be empty).
+        cu_q: (N + 1,) int32, run n's queries are rows ``[cu_q[n], cu_q[n + 1])`` of the (B * Q) packed rows.
+        key_start: (B, G) long, the first key slot run (b, g) attends to.
+        key_count: (N,) int32, how many consecutive slots from there it attends to (>= 1).
         max_q: the most rows of one run (an upper bound: a grid size).
-        splits: S.
-        valid: (S, B * Q, 1) bool, whether a row's piece s holds keys (None when S == 1).
     """
     cu_q: torch.Tensor
     key_start: torch.Tensor
     key_count: torch.Tensor
     max_q: int
-    splits: int = 1
-    valid: Optional[torch.Tensor] = None
-    cu_k: dict = field(default_factory=dict)  # (slots per row, tokens) -> (S * N + 1,) int32, built once per forward
+    cu_k: dict = field(default_factory=dict)  # (slots per row, tokens) -> (N + 1,) int32, built once per forward
 
     def key_offsets(self, per_row: int, tokens: int) -> torch.Tensor:
-        """(S * N + 1,) int32: each sequence's first key as a token of the flattened storage (row b's slot t is
-        token ``b * per_row + t``), then ``tokens``; computed once per forward, shared by the layers."""
+        """(N + 1,) int32: run n's first key as a token of the flattened storage (row b's slot t is token
+        ``b * per_row + t``), then ``tokens``; computed once per forward, shared by the layers."""
         hit = self.cu_k.get((per_row, tokens))
         if hit is None:
-            B = self.key_start.shape[1]
-            row0 = torch.arange(B, device=self.key_start.device)[None, :, None] * per_row
-            start = (row0 + self.key_start).flatten()
+            B = self.key_start.shape[0]
+            start = (torch.arange(B, device=self.key_start.device)[:, None] * per_row + self.key_start).flatten()
             hit = self.cu_k[(per_row, tokens)] = torch.cat([start, start.new_full((1,), tokens)]).to(torch.int32)
         return hit
 
 
-def runs_per_row(rows: int, block_size: int) -> int:
-    """G: the canvas blocks ``rows`` consecutive columns can span, at most ``(rows - 1) // block_size + 2``."""
-    return min(rows, (rows - 1) // block_size + 2)
-
-
-def sm_count(device: torch.device) -> int:
-    """The GPU's streaming multiprocessors (cached)."""
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
-_SMS: dict[torch.device, int] = {}
-
-
-def split_count(runs: int, heads: int, keys: int, sms: int) -> int:
-    """Pieces to cut each run's keys into: flash's variable-length call has one thread block per (run, head)
-    walking all the run's keys (PyTorch's entry point splits over keys only for one-query decoding), which at
-    batch 1 leaves most of the GPU idle (Fast-dLLM v2: 3 runs x 28 heads on 132 SMs). Enough pieces for about two
-    thread blocks per SM, each of 128 keys or more, at most 8."""
-    return max(1, min(8, -(-2 * sms // (runs * heads)), keys // 128))
-
-
 def block_runs(cols: torch.Tensor, batch: int, keys: int, block_size: int,
-               key_mask: Optional[torch.Tensor], splits: int = 1) -> BlockRuns:
-    """Cut the rows run into runs of one canvas block each, with the key range each run attends to, and each range
-    into ``splits`` consecutive pieces.
+               key_mask: Optional[torch.Tensor]) -> BlockRuns:
+    """Cut the rows run into runs of one canvas block each, with the key range each run attends to.
 
     cols (1|B, Q) long: the rows' canvas columns, *consecutive* in each row (every cache of a block-causal model
     runs a span of columns; the model's default is 0..Q-1); keys: the key slots (slot j = canvas column j);
@@ -106,10 +72,10 @@ def block_runs(cols: torch.Tensor, batch: int, keys: int, block_size: int,
     its own column).
     """
     B, Q = batch, cols.shape[1]
-    S = splits
     cols = cols.expand(B, Q)
     blk = cols // block_size  # (B, Q)
-    G = runs_per_row(Q, block_size)  # run index of each row: the blocks met so far
+    # run index of each row: the blocks met so far (Q consecutive columns span at most (Q - 1) // bs + 2 blocks)
+    G = min(Q, (Q - 1) // block_size + 2)
     run = torch.cat([torch.zeros_like(blk[:, :1]), (blk[:, 1:] != blk[:, :-1]).long()], dim=1).cumsum(1)
     onehot = run[:, :, None] == torch.arange(G, device=cols.device)  # (B, Q, G)
     lengths = onehot.sum(1)  # (B, G)
@@ -122,19 +88,10 @@ def block_runs(cols: torch.Tensor, batch: int, keys: int, block_size: int,
         real = key_mask.long()
         lo = real.argmax(1, keepdim=True)  # (B, 1) the first real key
         hi = lo + real.sum(1, keepdim=True)
-    count = (torch.minimum(end, hi) - lo).clamp(min=1)  # (B, G)
-    cu_q = F.pad(lengths.flatten().cumsum(0), (1, 0))  # (N + 1,)
+    key_count = (torch.minimum(end, hi) - lo).clamp(min=1)
+    cu_q = F.pad(lengths.flatten().cumsum(0), (1, 0)).to(torch.int32)
     # max_q >= 2: at 1, flash's variable-length call takes a decoding path that assumes one query per sequence
-    max_q = max(2, min(Q, block_size))
-    if S == 1:
-        return BlockRuns(cu_q.to(torch.int32), lo.expand(B, G)[None], count.flatten().to(torch.int32), max_q)
-    piece = -(-count // S)  # (B, G) keys per piece (the last ones shorter or empty)
-    s = torch.arange(S, device=cols.device)[:, None, None]  # (S, 1, 1)
-    used = (count[None] - s * piece[None]).clamp(min=0).minimum(piece[None])  # (S, B, G)
-    cu_q = torch.cat([(cu_q[:-1][None] + s[:, 0] * (B * Q)).flatten(), cu_q.new_full((1,), S * B * Q)])
-    valid = used.gather(2, run[None].expand(S, B, Q)) > 0  # (S, B, Q)
-    return BlockRuns(cu_q.to(torch.int32), lo[None] + s * piece[None], used.flatten().to(torch.int32), max_q, S,
-                     valid.view(S, B * Q, 1))
+    return BlockRuns(cu_q, lo.expand(B, G), key_count.flatten().to(torch.int32), max(2, min(Q, block_size)))
 
 
 def flash_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -186,25 +143,7 @@ def block_causal_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: 
         ks, vs = _slots(k), _slots(v)
     (k_flat, per_row), (v_flat, _) = ks, vs
     cu_k = runs.key_offsets(per_row, k_flat.shape[0])
-    S = runs.splits
     q_flat = q.transpose(1, 2).reshape(B * Q, Hq, D)
-    if S > 1:
-        q_flat = q_flat.repeat(S, 1, 1)  # (S * B * Q, Hq, D): each piece's copy of the rows
-    out, lse = torch.ops.aten._flash_attention_forward(
-        q_flat, k_flat, v_flat, runs.cu_q, cu_k, runs.max_q, T, 0.0, False, False, seqused_k=runs.key_count)[:2]
-    if S > 1:  # lse (Hq, S * B * Q) float32
-        out = kernel(merge_pieces, out, True)(out.view(S, B * Q, Hq, D), lse.view(Hq, S, B * Q).permute(1, 2, 0),
-                                               runs.valid)
+    out = torch.ops.aten._flash_attention_forward(
+        q_flat, k_flat, v_flat, runs.cu_q, cu_k, runs.max_q, T, 0.0, False, False, seqused_k=runs.key_count)[0]
     return out.reshape(B, Q, Hq * D)
-
-
-def merge_pieces(out: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Attention over the union of S disjoint key pieces from each piece's normalised output and log-sum-exp:
-    ``sum_s exp(lse_s - lse) out_s`` with ``lse = log sum_s exp(lse_s)`` (flash-decoding's combine), in float32.
-
-    out (S, R, H, Dh), lse (S, R, H) float32, valid (S, R, 1) bool (a piece without keys contributes nothing;
-    flash writes zeros and an infinite lse there) -> (R, H, Dh) in out's dtype."""
-    lse = torch.where(valid, lse, float("-inf"))
-    w = torch.exp(lse - lse.amax(0, keepdim=True))  # (S, R, H); piece 0 always holds keys, so the max is finite
-    w = w / w.sum(0, keepdim=True)
-    return (w[..., None] * torch.where(valid[..., None], out.float(), 0.0)).sum(0).to(out.dtype)

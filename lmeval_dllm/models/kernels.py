@@ -79,8 +79,6 @@ def _row_dims(fn: Callable, x: torch.Tensor) -> tuple[int, ...]:
     if fn in (rope_fp32, rope_native, norm_rope_fp32, norm_rope_native) and x.dim() == 4:
         # q, k (B, H, Q, Dh); cos, sin (B, 1, Q, Dh)
         return (0, 2)
-    if fn.__name__ == "merge_pieces":  # flash.merge_pieces: (pieces, rows, ...)
-        return (0, 1)
     return tuple(range(x.dim() - 1))  # (..., features)
 
 

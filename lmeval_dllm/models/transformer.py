@@ -32,8 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmeval_dllm.models.flash import (BlockRuns, block_causal_flash, block_runs, flash_supported, runs_per_row,
-                                      sm_count, split_count)
+from lmeval_dllm.models.flash import BlockRuns, block_causal_flash, block_runs, flash_supported
 from lmeval_dllm.models.kernels import (add_rms_norm, kernel, norm_rope_fp32, norm_rope_native, rms_norm, rope_fp32,
                                         rope_native, swiglu)
 from lmeval_dllm.models.rows import RowSubset, gather_rope, gather_rows
@@ -167,18 +166,12 @@ class BlockQueries:
     cols: torch.Tensor
     memo: dict = field(default_factory=dict)
 
-    def runs(self, batch: int, keys: int, block_size: int, attn_mask: Optional[torch.Tensor],
-             heads: int) -> BlockRuns:
-        """:func:`~lmeval_dllm.models.flash.block_runs` of these queries, their keys cut into as many pieces as
-        :func:`~lmeval_dllm.models.flash.split_count` says for ``heads`` query heads on this GPU; attn_mask
-        (B, 1, 1, keys) or None."""
+    def runs(self, batch: int, keys: int, block_size: int, attn_mask: Optional[torch.Tensor]) -> BlockRuns:
+        """:func:`~lmeval_dllm.models.flash.block_runs` of these queries; attn_mask (B, 1, 1, keys) or None."""
         hit = self.memo.get(("runs", keys))
         if hit is not None and hit[0] is attn_mask:
             return hit[1]
-        Q = self.cols.shape[1]
-        splits = split_count(batch * runs_per_row(Q, block_size), heads, keys, sm_count(self.cols.device))
-        runs = block_runs(self.cols, batch, keys, block_size, None if attn_mask is None else attn_mask[:, 0, 0],
-                          splits)
+        runs = block_runs(self.cols, batch, keys, block_size, None if attn_mask is None else attn_mask[:, 0, 0])
         self.memo[("runs", keys)] = (attn_mask, runs)
         return runs
 
@@ -260,7 +253,7 @@ class Block(nn.Module):
         if self.block_size is not None:
             key_mask = attn_mask is None or attn_mask.shape[2] == 1  # (B, 1, 1, T): the canvas window
             if key_mask and self.fuse and flash_supported(q, k):
-                runs = query_cols.runs(q.shape[0], k.shape[2], self.block_size, attn_mask, self.n_heads)
+                runs = query_cols.runs(q.shape[0], k.shape[2], self.block_size, attn_mask)
                 return self.wo(block_causal_flash(q, k, v, runs))
             attn_mask = self.block_mask(query_cols, k.shape[2], attn_mask)
         if self.n_kv_heads != self.n_heads:
