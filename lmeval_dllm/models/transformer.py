@@ -160,20 +160,29 @@ def block_causal(query_cols: torch.Tensor, keys: int, block_size: int,
 @dataclass
 class BlockQueries:
     """The canvas columns of the rows a forward runs (cols (1|B, Q) long, consecutive in each row), for
-    block-causal attention, with the masks built from them in this forward (``memo``: key count -> (padding mask,
-    block-causal mask)) and the flash kernel's runs (``("runs", key count)`` -> (padding mask, runs)), so that the
-    layers share one instead of building it each."""
+    block-causal attention, with what the layers build from them, built once per forward: every layer of a step sees
+    the same query columns, key count and padding mask, and rebuilding per layer costs ~6 small kernels a layer, a
+    visible share of a batch-1 step (docs/performance.md). ``memo``: (kind, key count) -> (padding mask, value)."""
     cols: torch.Tensor
     memo: dict = field(default_factory=dict)
 
-    def runs(self, batch: int, keys: int, block_size: int, attn_mask: Optional[torch.Tensor]) -> BlockRuns:
-        """:func:`~lmeval_dllm.models.flash.block_runs` of these queries; attn_mask (B, 1, 1, keys) or None."""
-        hit = self.memo.get(("runs", keys))
+    def once(self, kind: str, keys: int, attn_mask: Optional[torch.Tensor], build):
+        """``build()`` the first time this forward asks for ``kind`` over ``keys`` with this padding mask."""
+        hit = self.memo.get((kind, keys))
         if hit is not None and hit[0] is attn_mask:
             return hit[1]
-        runs = block_runs(self.cols, batch, keys, block_size, None if attn_mask is None else attn_mask[:, 0, 0])
-        self.memo[("runs", keys)] = (attn_mask, runs)
-        return runs
+        value = build()
+        self.memo[(kind, keys)] = (attn_mask, value)
+        return value
+
+    def mask(self, keys: int, block_size: int, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """:func:`block_causal` for these queries over ``keys`` slots."""
+        return self.once("mask", keys, attn_mask, lambda: block_causal(self.cols, keys, block_size, attn_mask))
+
+    def runs(self, batch: int, keys: int, block_size: int, attn_mask: Optional[torch.Tensor]) -> BlockRuns:
+        """:func:`~lmeval_dllm.models.flash.block_runs` of these queries; attn_mask (B, 1, 1, keys) or None."""
+        window = None if attn_mask is None else attn_mask[:, 0, 0]
+        return self.once("runs", keys, attn_mask, lambda: block_runs(self.cols, batch, keys, block_size, window))
 
 
 class RMSNorm(nn.Module):
@@ -255,7 +264,7 @@ class Block(nn.Module):
             if key_mask and self.fuse and flash_supported(q, k):
                 runs = query_cols.runs(q.shape[0], k.shape[2], self.block_size, attn_mask)
                 return self.wo(block_causal_flash(q, k, v, runs))
-            attn_mask = self.block_mask(query_cols, k.shape[2], attn_mask)
+            attn_mask = query_cols.mask(k.shape[2], self.block_size, attn_mask)
         if self.n_kv_heads != self.n_heads:
             if _SDPA_HAS_GQA:
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
@@ -267,17 +276,6 @@ class Block(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         B, _, Q, _ = q.shape
         return self.wo(out.transpose(1, 2).reshape(B, Q, -1))
-
-    def block_mask(self, queries: "BlockQueries", keys: int, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """:func:`block_causal` for these queries and keys, built once per forward: every layer of a step sees
-        the same query columns, key count and padding mask, and rebuilding the mask in each layer costs ~6 small
-        kernels a layer, a visible share of a batch-1 step (docs/performance.md)."""
-        hit = queries.memo.get(keys)
-        if hit is not None and hit[0] is attn_mask:
-            return hit[1]
-        mask = block_causal(queries.cols, keys, self.block_size, attn_mask)
-        queries.memo[keys] = (attn_mask, mask)
-        return mask
 
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU: w2(silu(gate(x)) * up(x)) on the normed input, or the mixture of experts (:class:`MoE`).
