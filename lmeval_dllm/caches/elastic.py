@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from lmeval_dllm.caches.base import Cache
 from lmeval_dllm.models import DiffusionLM
+from lmeval_dllm.models.kernels import kernel
 from lmeval_dllm.models.rows import RowSubset, gather_rope, gather_rows, scatter_heads_, scatter_rows_, store_index
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits, StepOutput
 
@@ -107,6 +108,40 @@ def most_attended(probs: torch.Tensor, rows: torch.Tensor, masked: torch.Tensor,
 def gather_heads(store: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """store (B, H, S, Dh), index (B, N) -> (B, H, N, Dh)."""
     return store.gather(2, index[:, None, :, None].expand(-1, store.shape[1], -1, store.shape[-1]))
+
+
+# The three stages below are each layer's statistics. On CUDA each runs as one compiled function
+# (``models/kernels.py``: the matmul, then one kernel for the scale, mask and softmax, one per reduction), which
+# took the cached step from ~2400 kernel launches to ~? ; on the CPU they run as written.
+
+def past_attention(q_store: torch.Tensor, tcols: torch.Tensor, k: torch.Tensor,
+                   key_mask: torch.Tensor) -> torch.Tensor:
+    """The drift test's "before": the stored queries q_store (B, Hq, T + 1, Dh) of the tracked positions tcols
+    (B, NT) over the keys as they were, k (B, Hkv, T, Dh) -> (B, Hq, NT, T) float32."""
+    return attention_probs(gather_heads(q_store, tcols), k, key_mask)
+
+
+def drift_and_track(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, past: torch.Tensor,
+                    treal: torch.Tensor, mreal: torch.Tensor, masked: torch.Tensor, n_track: int, rows_from: int,
+                    keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cached step's layer statistics from one attention product over every row run, q (B, Hq, M, Dh) (the
+    tracked rows first, the masked rows from ``rows_from`` on), against the fresh keys k (B, Hkv, T, Dh):
+    -> (sim (B,) the drift statistic against ``past`` (B, Hq, n_track, T), track (B, keep) this layer's new
+    tracked positions)."""
+    probs = attention_probs(q, k, key_mask)  # (B, Hq, M, T)
+    sim = attention_similarity(past, probs[:, :, :n_track], treal, key_mask)
+    return sim, most_attended(probs[:, :, rows_from:], mreal, masked, key_mask, keep)
+
+
+def window_track(q: torch.Tensor, mrows: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor,
+                 mreal: torch.Tensor, masked: torch.Tensor, keep: int) -> torch.Tensor:
+    """A refresh's tracked positions: the masked rows mrows (B, NM) of the canvas queries q (B, Hq, T, Dh)
+    against k (B, Hkv, T, Dh) -> (B, keep)."""
+    return most_attended(attention_probs(gather_heads(q, mrows), k, key_mask), mreal, masked, key_mask, keep)
+
+
+for _stage in (past_attention, drift_and_track, window_track):
+    _stage.row_dims = lambda x: tuple(range(x.dim()))  # batch, rows and the canvas length change between calls
 
 
 class ElasticCache(Cache):
@@ -173,6 +208,7 @@ class ElasticCache(Cache):
             self.h = torch.zeros(a.n_layers, B, T + 1, a.dim, dtype=dtype, device=device)
         self.graphs.reset()  # the per-call tensors below get new addresses
         self.n_layers, self.length, self.prompt_len, self.shift = a.n_layers, T, P, model.logit_shift
+        self.fuse = model.fuse  # the layer statistics as compiled kernels on CUDA (as the model's own stages)
         self.mask_token_id = state.mask_token_id
         self.stop_token_ids = state.stop_token_ids
         # slots per step: tracked, committed, masked rows (the first n_window of which are the window)
@@ -335,8 +371,8 @@ class ElasticCache(Cache):
         stored ones from its start on. Returns the stored K/V of every position (B, Hkv, T, Dh)."""
         st, i, T = self._step, layer_idx, self.length
         if st["phase"] == 1:
-            past_q = gather_heads(self.q[i], st["tcols"])  # (B, Hq, NT, Dh)
-            st["past"] = attention_probs(past_q, self.k[i, :, :, :T], st["key_mask"])
+            st["past"] = kernel(past_attention, k, self.fuse)(self.q[i], st["tcols"], self.k[i, :, :, :T],
+                                                               st["key_mask"])  # (B, Hq, NT, T)
             scatter_heads_(self.k[i], st["slots"], k)
             scatter_heads_(self.v[i], st["slots"], v)
         else:
@@ -349,19 +385,18 @@ class ElasticCache(Cache):
         """q (B, Hq, M, Dh) of the rows run, k (B, Hkv, T, Dh): the drift test (step 1), this layer's tracked
         positions (from the window rows' attention), and the rows' queries stored."""
         st, i, T = self._step, layer_idx, self.length
-        key_mask = st["key_mask"]
+        key_mask, keep = st["key_mask"], self.track.shape[-1]
         if st["phase"] == 1:
-            now = attention_probs(q[:, :, :st["n_track"]], k, key_mask)
-            st["sims"].append(attention_similarity(st.pop("past"), now, st["treal"], key_mask))
-            window_q = q[:, :, st["rows_from"]:]
+            sim, track = kernel(drift_and_track, q, self.fuse)(q, k, key_mask, st.pop("past"), st["treal"],
+                                                                st["mreal"], st["masked"], st["n_track"],
+                                                                st["rows_from"], keep)
+            st["sims"].append(sim)
             run = st["active"]
             scatter_heads_(self.q[i], st["slots"], q)
         else:
             run = st["start"] <= i
-            window_q = gather_heads(q, st["mrows"])
+            track = kernel(window_track, q, self.fuse)(q, st["mrows"], k, key_mask, st["mreal"], st["masked"], keep)
             self.q[i, :, :, :T] = torch.where(run[:, None, None, None], q, self.q[i, :, :, :T])
-        probs = attention_probs(window_q, k, key_mask)  # (B, Hq, NM, T)
-        track = most_attended(probs, st["mreal"], st["masked"], key_mask, self.track.shape[-1])
         self.track[i] = torch.where(run[:, None], track, self.track[i])
 
     # -- after the step -----------------------------------------------------------------------------------------
