@@ -190,6 +190,16 @@ class Cache(LayerHooks):
         """Called after the sampler's decision was applied to ``state.x``."""
 
 
+def copy_to_slots(stores: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``update`` of a cache with ``kv_slots``: k, v (B, Hkv, Q, Dh) into the stores (B, Hkv, S, Dh) at
+    ``slots`` (Q,) (what the fused RoPE kernel does on the GPU); returns the stores."""
+    K, V = stores
+    K.index_copy_(2, slots, k)
+    V.index_copy_(2, slots, v)
+    return K, V
+
+
 class PositionStoreCache(Cache):
     """A cache whose K/V storage has one slot per canvas position plus the trash slot of ``models/rows.py``
     (``self.k``, ``self.v``: (n_layers, B, Hkv, T + 1, Dh); ``self.length`` = T): the rows a step runs write their

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache, stored_column_logits, target_rows
+from lmeval_dllm.caches.base import Cache, copy_to_slots, stored_column_logits, target_rows
 from lmeval_dllm.models import DiffusionLM, block_causal_families
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
@@ -109,10 +109,12 @@ class BlockCache(Cache):
         self._final = column
         return logits
 
+    def kv_slots(self, layer_idx: int, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's K/V (B, Hkv, T, Dh); the rows run write theirs at ``input_pos`` (Q,) (those right of the
+        block are masked by the model's block-causal attention)."""
+        return self.k[layer_idx], self.v[layer_idx]
+
     def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v (B, Hkv, Q, Dh) of the rows run -> key slots ``input_pos`` (Q,); returns every slot's K/V
-        (B, Hkv, T, Dh) (those right of the block are masked by the model's block-causal attention)."""
-        self.k[layer_idx].index_copy_(2, input_pos, k)
-        self.v[layer_idx].index_copy_(2, input_pos, v)
-        return self.k[layer_idx], self.v[layer_idx]
+        """k, v (B, Hkv, Q, Dh) of the rows run -> key slots ``input_pos`` (Q,); returns :meth:`kv_slots`."""
+        return copy_to_slots(self.kv_slots(layer_idx, input_pos), input_pos, k, v)

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from lmeval_dllm.caches.base import Cache, extended_mask, target_rows
+from lmeval_dllm.caches.base import Cache, copy_to_slots, extended_mask, target_rows
 from lmeval_dllm.caches.graphs import StepGraphs
 from lmeval_dllm.models import DiffusionLM
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
@@ -190,6 +190,9 @@ class PrefixCache(Cache):
             keep = self._keep[:, None, :, None]  # (B, 1, Q, 1)
             k = torch.where(keep, k, self.k[layer_idx].index_select(2, input_pos))
             v = torch.where(keep, v, self.v[layer_idx].index_select(2, input_pos))
-        self.k[layer_idx].index_copy_(2, input_pos, k)
-        self.v[layer_idx].index_copy_(2, input_pos, v)
-        return self.k[layer_idx], self.v[layer_idx]
+        return copy_to_slots((self.k[layer_idx], self.v[layer_idx]), input_pos, k, v)
+
+    def kv_slots(self, layer_idx: int, input_pos: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Every stored key and value (B, Hkv, T [+ E], Dh), written at ``input_pos``; None at a mixed step
+        (``update`` keeps some of the stored K/V)."""
+        return None if self._keep is not None else (self.k[layer_idx], self.v[layer_idx])

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lmeval_dllm.caches.base import Cache, target_rows
+from lmeval_dllm.caches.base import Cache, copy_to_slots, target_rows
 from lmeval_dllm.models import DiffusionLM
 from lmeval_dllm.state import DecodeState, ExtraRows, StepLogits
 
@@ -252,8 +252,14 @@ class SparseCache(Cache):
         if self._mode == "build":
             self._kv = (k, v)
             return k, v
-        self.k[layer_idx].index_copy_(2, input_pos, k)
-        self.v[layer_idx].index_copy_(2, input_pos, v)
+        return copy_to_slots(self.kv_slots(layer_idx, input_pos), input_pos, k, v)
+
+    def kv_slots(self, layer_idx: int, input_pos: Optional[torch.Tensor]
+                 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Sparse steps: the kept slots and the block's (B, Hkv, K + Q, Dh), the block written at ``input_pos``
+        (Q,); None at build steps (``update`` holds the canvas's K/V for the selection)."""
+        if self._mode == "build":
+            return None
         S = self._kept + input_pos.shape[0]
         return self.k[layer_idx, :, :, :S], self.v[layer_idx, :, :, :S]
 

@@ -146,3 +146,7 @@ class VicinityCache(PrefixCache):
         self.k[layer_idx].copy_(k)
         self.v[layer_idx].copy_(v)
         return k, v
+
+    def kv_slots(self, layer_idx: int, input_pos: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """As the dual cache at a cached step; None at a full one (``update`` selects between fresh and stored)."""
+        return None if self._full else super().kv_slots(layer_idx, input_pos)

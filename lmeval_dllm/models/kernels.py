@@ -73,12 +73,48 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+_ROPES = (rope_fp32, rope_native, norm_rope_fp32, norm_rope_native)
+
+
+def _rows_of_heads(x: torch.Tensor) -> tuple[int, ...]:
+    """q, k, v (B, H, Q, Dh), cos, sin (B, 1, Q, Dh), K/V stores (B, Hkv, S, Dh): batch and rows (or slots);
+    a (Q,) slot index: its length."""
+    return (0, 2) if x.dim() == 4 else (0,) if x.dim() == 1 else ()
+
+
+_STORING: dict[Callable, Callable] = {}
+
+
+def storing(rope: Callable) -> Callable:
+    """``rope`` (one of the RoPE stages: (q, k, *args) -> (q, k)) followed by the K/V write of a cache whose
+    ``update`` copies the rows' K/V into slots (``LayerHooks.kv_slots``): the function
+    ``(q, k, v, k_store, v_store, pos, *args) -> q`` that also sets ``k_store[:, :, pos] = k`` (rotated) and
+    ``v_store[:, :, pos] = v``. Fused, the rotation writes straight into the stores: one kernel where the RoPE
+    kernel and two index copies were three."""
+    if rope not in _STORING:
+        def rope_store(q, k, v, k_store, v_store, pos, *args):
+            q, k = rope(q, k, *args)
+            k_store[:, :, pos] = k
+            v_store[:, :, pos] = v
+            return q
+
+        rope_store.__name__ = rope_store.__qualname__ = f"{rope.__name__}_store"
+        rope_store.row_dims = _rows_of_heads
+        _STORING[rope] = rope_store
+    return _STORING[rope]
+
+
 def _row_dims(fn: Callable, x: torch.Tensor) -> tuple[int, ...]:
     """The dimensions of an argument of ``fn`` that change from step to step: batch and rows (the rows a cache
-    runs vary by step and block). Hidden sizes and heads are fixed per model."""
-    if fn in (rope_fp32, rope_native, norm_rope_fp32, norm_rope_native) and x.dim() == 4:
-        # q, k (B, H, Q, Dh); cos, sin (B, 1, Q, Dh)
-        return (0, 2)
+    runs vary by step and block). Hidden sizes and heads are fixed per model. A function may say otherwise with
+    a ``row_dims(x)`` attribute (a cache's statistics over every key also vary with the canvas length)."""
+    custom = getattr(fn, "row_dims", None)
+    if custom is not None:
+        return custom(x)
+    if x.dim() < 2:
+        return ()
+    if fn in _ROPES and x.dim() == 4:
+        return _rows_of_heads(x)
     return tuple(range(x.dim() - 1))  # (..., features)
 
 
@@ -125,7 +161,7 @@ class _Fused:
         if not self.failed:
             try:
                 for a in args:
-                    if isinstance(a, torch.Tensor) and a.dim() > 1:
+                    if isinstance(a, torch.Tensor):
                         for d in _row_dims(self.fn, a):
                             self._mark_dynamic(a, d)  # size 1 stays a constant (dynamo's rule)
                 return self.compiled(*args)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lmeval_dllm.models.flash import BlockRuns, block_causal_flash, block_runs, flash_supported
 from lmeval_dllm.models.kernels import (add_rms_norm, kernel, norm_rope_fp32, norm_rope_native, rms_norm, rope_fp32,
-                                        rope_native, swiglu)
+                                        rope_native, storing, swiglu)
 from lmeval_dllm.models.rows import RowSubset, gather_rope, gather_rows
 
 # SDPA grew native grouped-query attention in torch 2.5; before that we expand K/V ourselves.
@@ -117,6 +117,14 @@ class LayerHooks:
         """k, v (B, Hkv, Q, Dh) of the rows run, to be stored at key slots ``input_pos`` ((Q,) or (B, Q) long);
         returns the K/V (B, Hkv, S, Dh) to attend to."""
         return k, v
+
+    def kv_slots(self, layer_idx: int, input_pos: Optional[torch.Tensor]
+                 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """When all ``update`` does is ``K[:, :, input_pos] = k; V[:, :, input_pos] = v`` into stores K, V
+        (B, Hkv, S, Dh) and return them (``input_pos`` (Q,) slots): (K, V), so that a fused layer on the GPU
+        writes its rotated keys and its values there from its RoPE kernel (``kernels.storing``: one kernel
+        instead of three). None (the default): the layer calls ``update``."""
+        return None
 
     def layer_rows(self, layer_idx: int, layer: "Block", h: torch.Tensor) -> Optional[RowSubset]:
         """The rows of ``h`` (B, T, D) that layer ``layer_idx`` recomputes; None = every row."""
@@ -225,20 +233,27 @@ class Block(nn.Module):
             self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # [gate; up]
             self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
 
-    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h (B, Q, D) -> q (B, Hq, Q, Dh), k and v (B, Hkv, Q, Dh); RoPE applied to q and k."""
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            stores: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+        """h (B, Q, D) -> q (B, Hq, Q, Dh), k and v (B, Hkv, Q, Dh); RoPE applied to q and k.
+
+        ``stores`` = (K, V, slots): a cache's K/V stores (B, Hkv, S, Dh) and the slots (Q,) of these rows
+        (``LayerHooks.kv_slots``): k and v are written there, and (q, K, V) returned."""
         B, Q, _ = h.shape
         q, k, v = self.wqkv(self.attn_norm(h)).split(self.qkv_split, dim=-1)
         q = q.view(B, Q, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, Q, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:  # over head_dim, before RoPE (modeling_lladamoe.py: q_norm(q.reshape(-1, Dh)))
-            fn = norm_rope_fp32 if self.rope_fp32 else norm_rope_native
-            return (*kernel(fn, q, self.fuse)(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos,
-                                              sin), v)
-        rope = rope_fp32 if self.rope_fp32 else rope_native  # LLaDA rotates in float32, Dream in the model dtype
-        q, k = kernel(rope, q, self.fuse)(q, k, cos, sin)
-        return q, k, v
+            rope = norm_rope_fp32 if self.rope_fp32 else norm_rope_native
+            args = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
+        else:  # LLaDA rotates in float32, Dream in the model dtype
+            rope, args = (rope_fp32 if self.rope_fp32 else rope_native), (cos, sin)
+        if stores is None:
+            q, k = kernel(rope, q, self.fuse)(q, k, *args)
+            return q, k, v
+        k_store, v_store, slots = stores
+        return kernel(storing(rope), q, self.fuse)(q, k, v, k_store, v_store, slots, *args), k_store, v_store
 
     def values(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, Q, D) -> v (B, Hkv, Q, Dh): the value projection alone, a third of ``qkv``'s cost for LLaDA
@@ -289,6 +304,14 @@ class Block(nn.Module):
         gate_up = self.w13(x)
         return self.w2(kernel(swiglu, gate_up, self.fuse)(gate_up))
 
+    def kv_stores(self, cache: Optional[LayerHooks], input_pos: Optional[torch.Tensor],
+                  h: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The cache's K/V stores for the fused RoPE kernel to write into (``LayerHooks.kv_slots``): on the GPU,
+        fused; None elsewhere (``cache.update`` copies them)."""
+        if cache is None or not (self.fuse and h.is_cuda):
+            return None
+        return cache.kv_slots(self.layer_idx, input_pos)
+
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: Optional[torch.Tensor],
                 cache: Optional[LayerHooks] = None, input_pos: Optional[torch.Tensor] = None,
                 query_cols: Optional["BlockQueries"] = None) -> torch.Tensor:
@@ -301,11 +324,15 @@ class Block(nn.Module):
             h = cache.layer_input(i, h)
         rows = None if cache is None else cache.layer_rows(i, self, h)
         if rows is None:
-            q, k, v = self.qkv(h, cos, sin)
-            if cache is not None:
-                k, v = cache.update(i, input_pos, k, v)
-                if cache.needs_attention:
-                    cache.observe_attention(i, q, k)
+            stores = self.kv_stores(cache, input_pos, h)
+            if stores is not None:
+                q, k, v = self.qkv(h, cos, sin, (*stores, input_pos))
+            else:
+                q, k, v = self.qkv(h, cos, sin)
+                if cache is not None:
+                    k, v = cache.update(i, input_pos, k, v)
+            if cache is not None and cache.needs_attention:
+                cache.observe_attention(i, q, k)
             norm = self.mlp_norm
             h, x = kernel(add_rms_norm, h, self.fuse)(h, self.attend(q, k, v, attn_mask, query_cols), norm.weight,
                                                       norm.eps)

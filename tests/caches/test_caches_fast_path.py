@@ -127,3 +127,83 @@ def test_no_cache_drops_its_graphs_when_the_canvas_shape_changes(llada_dir):
     assert list(cache.graphs._graphs) == ["full-20"]  # same shape: kept for the next batch
     cache.setup(model, state(21))
     assert len(cache.graphs) == 0
+
+
+@pytest.mark.parametrize("rope", [kernels.rope_fp32, kernels.rope_native, kernels.norm_rope_fp32,
+                                  kernels.norm_rope_native])
+def test_the_storing_rope_writes_what_rope_and_two_index_copies_write(rope):
+    """kernels.storing(rope): the function the fused kernel compiles equals RoPE, then K and V copied into the
+    stores at the slots (the other slots untouched)."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, Q, S, Dh = 2, 4, 2, 3, 7, 8
+    q, k, v = (torch.randn(B, H, Q, Dh, generator=g, dtype=torch.bfloat16) for H in (Hq, Hkv, Hkv))
+    cos, sin = torch.randn(B, 1, Q, Dh, generator=g), torch.randn(B, 1, Q, Dh, generator=g)
+    norm_w = torch.randn(2, Dh, generator=g).to(torch.bfloat16)  # the model's weights, in its dtype
+    args = (norm_w[0], norm_w[1], 1e-6, cos, sin) \
+        if rope in (kernels.norm_rope_fp32, kernels.norm_rope_native) else (cos, sin)
+    slots = torch.tensor([5, 1, 2])
+    K0, V0 = torch.randn(B, Hkv, S, Dh, generator=g), torch.randn(B, Hkv, S, Dh, generator=g)
+    K, V = K0.to(torch.bfloat16), V0.to(torch.bfloat16)
+    want_q, want_k = rope(q, k, *args)
+    want_K, want_V = K.clone().index_copy_(2, slots, want_k), V.clone().index_copy_(2, slots, v)
+    out = kernels.storing(rope)(q, k, v, K, V, slots, *args)
+    assert torch.equal(out, want_q) and torch.equal(K, want_K) and torch.equal(V, want_V)
+    assert kernels.storing(rope) is kernels.storing(rope)  # one function per stage: one compilation
+    assert kernels.storing(rope).__name__ == f"{rope.__name__}_store"
+
+
+CPU_STORES = [("llada", "dual", {}), ("dream", "dual", {}), ("llada", "prefix", {}),
+              ("llada", "sparse", {}), ("dream", "vicinity", {"prefix_look": 2, "after_look": 2, "warmup_steps": 1}),
+              ("dream", "dual", {"refresh_interval": 2}), ("sdar", "block", {}), ("fast_dllm_v2", "block", {}),
+              ("fast_dllm_v2", "dual", {})]
+
+
+@pytest.mark.parametrize("family, cache_name, kw", CPU_STORES)
+def test_keys_written_by_the_rope_kernel_decode_as_update_does(monkeypatch, tmp_path, llada_dir, dream_dir,
+                                                                family, cache_name, kw):
+    """The GPU's fused path, forced on the CPU: the layers write K/V through ``kv_slots`` and
+    ``kernels.storing`` instead of calling ``cache.update``; tokens and NFE are those of ``update`` (which is
+    not called at all when the cache offers its stores)."""
+    from caches_support import tiny
+
+    from lmeval_dllm.caches import build_cache
+    from lmeval_dllm.generate import GenerationConfig, generate
+    from lmeval_dllm.models.transformer import Block
+    from lmeval_dllm.samplers import Proposal, build_sampler
+
+    if family in ("llada", "dream"):
+        model, _ = tiny(llada_dir if family == "llada" else dream_dir)
+    else:  # block diffusion (qk-norm RoPE for SDAR, the token shift for Fast-dLLM v2)
+        from lmeval_dllm.models import load_model
+        from lmeval_dllm.tiny import write_checkpoint
+
+        model = load_model(write_checkpoint(str(tmp_path), family, seed=4))
+    prompt = torch.tensor([[5, 9, 13, 2, 7, 11], [3, 3, 8, 1, 4, 6]])
+    config = GenerationConfig(gen_length=16, block_length=min(8, model.block_size or 8))
+
+    def decode():
+        cache = build_cache(cache_name, **kw)
+        sampler = build_sampler("vanilla", Proposal.from_params(), num_transfer_tokens=2)
+        out = generate(model, prompt, None, sampler, config, stop_token_ids=torch.tensor([-1]), cache=cache)
+        return out.tokens.tolist(), out.nfe.tolist()
+
+    want = decode()
+    updates, stored = [], []  # calls of update; per layer pass with the cache: did it take the stores
+    real_update = {}
+
+    def kv_stores(self, cache, input_pos, h):  # the CUDA condition dropped
+        if cache is None:  # a pass without the cache (a full step of some caches)
+            return None
+        stores = cache.kv_slots(self.layer_idx, input_pos)
+        stored.append(stores is not None)
+        return stores
+
+    monkeypatch.setattr(Block, "kv_stores", kv_stores)
+    from lmeval_dllm.caches import CACHES
+
+    cls = CACHES[cache_name]
+    real_update[cls] = cls.update
+    monkeypatch.setattr(cls, "update", lambda self, *a: (updates.append(1), real_update[cls](self, *a))[1])
+    assert decode() == want
+    assert any(stored)  # the cached steps took the fused path
+    assert len(updates) == stored.count(False)  # and only the others called update
