@@ -48,6 +48,7 @@ import torch
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, after the script dir
 
 from lmeval_dllm.caches import build_cache  # noqa: E402
+from lmeval_dllm.caches.graphs import StepGraphs  # noqa: E402
 from lmeval_dllm.generate import GenerationConfig, generate  # noqa: E402
 from lmeval_dllm.models import DiffusionLM, ModelArgs  # noqa: E402
 from lmeval_dllm.models.transformer import MoEArgs  # noqa: E402
@@ -269,6 +270,7 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
     tail = min(P % a.block_size, blocks * block) if a.block_size else 0
     assert committed == B * (blocks * block - tail), (committed, B, blocks, block, tail)
     cache.forward = inner
+    forward = forward_alone_ms(cache) if use_graphs and device.type == "cuda" else {}
     # a cache's own step counts (elastic: steps that refreshed), where it keeps them
     counts = {k: getattr(cache, k) for k in ("refresh_steps", "refreshed_layers", "cached_steps") if hasattr(cache, k)}
     del cache
@@ -276,8 +278,28 @@ def run_config(model: DiffusionLM, cache_name: str, B: int, P: int, G: int, bloc
         "cache": cache_name, "strategy": strategy, "batch": B, "prompt": P, "gen": G, "block": block, "blocks_decoded": blocks,
         "steps": out.steps, "graphs": use_graphs,
         "median_step_ms": statistics.median(steps_ms), "mean_step_ms": sum(steps_ms) / len(steps_ms),
-        "tokens_per_s": committed / wall, "wall_s": wall, "peak_mem_gib": peak / 2 ** 30, **counts,
+        "tokens_per_s": committed / wall, "wall_s": wall, "peak_mem_gib": peak / 2 ** 30, **counts, **forward,
     }
+
+
+def forward_alone_ms(cache) -> dict:
+    """The cache's most replayed step graph (its cached step's forward pass), replayed back to back after the
+    call: {"forward_ms": GPU ms per replay, "forward_replays": how often the call replayed it}. The median step
+    minus this is what the sampler, the decode loop and its one host read per step add."""
+    graphs = [g for g in vars(cache).values() if isinstance(g, StepGraphs)]
+    graph, count = max((g.most_replayed() for g in graphs), key=lambda gc_: gc_[1], default=(None, 0))
+    if graph is None:
+        return {}
+    for _ in range(3):
+        graph.replay()
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(21)]
+    for i in range(20):
+        marks[i].record()
+        graph.replay()
+    marks[20].record()
+    torch.cuda.synchronize()
+    return {"forward_ms": statistics.median(marks[i].elapsed_time(marks[i + 1]) for i in range(20)),
+            "forward_replays": count}
 
 
 def profile_step(name: str, cache_name: str, device: torch.device, P: int = 256, G: int = 256,
@@ -321,8 +343,9 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
         vicinity = block + CACHE_KW["vicinity"]["prefix_look"] + CACHE_KW["vicinity"]["after_look"] + a.logit_shift
         rows_run = {"none": T, "prefix": prefix_rows, "dual": block + a.logit_shift,
                     "vicinity": vicinity, "sparse": block + a.logit_shift,
-                    # dkv runs every mask (on average half the generation region) and the last step's tokens
-                    "dkv": (G + 1) / 2 + a.logit_shift}.get(cache_name, block)
+                    # dkv runs every mask and the last step's token: one token per step, the masks of the decoded
+                    # blocks' steps average G - (blocks * block - 1) / 2 (half the generation when all are decoded)
+                    "dkv": G - (blocks * block - 1) / 2 + 1 + a.logit_shift}.get(cache_name, block)
         if cache_name.startswith("elastic"):  # its slots at the defaults: one tracked per layer, 16 committed, 16 window
             rows_run = a.n_layers + 2 * 16
         # keys a cached step attends to (sparse: the kept share of the other columns plus the block's own)
@@ -342,15 +365,16 @@ def measure_shape(model, name, B, P, G, block, caches, eager, args, floors, save
 
 
 def table(rows: list[dict], floors: dict) -> str:
-    lines = ["| model | B | prompt/gen | cache | median step ms | mean step ms | tok/s | peak GiB | "
+    lines = ["| model | B | prompt/gen | cache | median step ms | forward alone ms | mean step ms | tok/s | peak GiB | "
              "weight floor ms | full-forward compute floor ms | median / floor |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wf, cf = r["weight_floor_ms"], r["full_compute_floor_ms"]
         ratio = r["median_step_ms"] / (cf if r["cache"] == "none" else max(wf, r["step_compute_floor_ms"]))
         lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']}/{r['gen']} | {r['cache']}"
                      f"{'' if r.get('strategy', 'vanilla') == 'vanilla' else ' / ' + r['strategy']}"
-                     f"{'' if r['graphs'] else ' (eager)'} | {r['median_step_ms']:.2f} | {r['mean_step_ms']:.2f} | "
+                     f"{'' if r['graphs'] else ' (eager)'} | {r['median_step_ms']:.2f} | "
+                     f"{'' if 'forward_ms' not in r else format(r['forward_ms'], '.2f')} | {r['mean_step_ms']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {r['peak_mem_gib']:.1f} | {wf:.2f} | {cf:.2f} | {ratio:.2f} |")
     return "\n".join(lines)
 

@@ -43,6 +43,7 @@ class StepGraphs:
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
         self._pool = None
         self.captures = 0  # graphs recorded since construction (for tests and benchmarks)
+        self.replays: dict[Hashable, int] = {}  # replays per key of the graphs held (for benchmarks)
 
     def reset(self) -> None:
         """Drop every graph; call when storage is reallocated. Their pool is dropped too: once its last graph is
@@ -50,6 +51,7 @@ class StepGraphs:
         buffer the caller holds), so the next capture starts a new pool and the old one is freed with its last
         tensor."""
         self._graphs.clear()
+        self.replays.clear()
         self._pool = None
 
     def _admit(self) -> None:
@@ -59,6 +61,13 @@ class StepGraphs:
 
     def __len__(self) -> int:
         return len(self._graphs)
+
+    def most_replayed(self) -> tuple[Optional[torch.cuda.CUDAGraph], int]:
+        """(the graph replayed most often, its replay count), or (None, 0): a benchmark times it alone."""
+        if not self.replays:
+            return None, 0
+        key = max(self.replays, key=self.replays.__getitem__)
+        return self._graphs[key][0], self.replays[key]
 
     def run(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Union[torch.Tensor, tuple]:
         device: Optional[torch.device] = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
@@ -71,6 +80,7 @@ class StepGraphs:
                 if isinstance(buf, torch.Tensor):
                     buf.copy_(a)
             graph.replay()
+            self.replays[key] = self.replays.get(key, 0) + 1
             return out
 
         self._admit()
