@@ -60,6 +60,32 @@ def test_attention_similarity_is_the_mean_cosine_over_heads_of_real_rows_and_key
     assert el.attention_similarity(now, now, torch.ones(1, 2, dtype=torch.bool), keys).item() == pytest.approx(1.0)
 
 
+def test_one_product_over_every_row_gives_the_drift_and_the_tracked_positions_of_the_two_subsets():
+    """drift_and_track (compiled on CUDA) = the drift statistic of the tracked rows and the tracked positions of the
+    masked rows, each from its own attention product; past_attention gathers the stored queries first."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, T, Dh, n_track, rows_from = 2, 4, 2, 9, 8, 3, 5
+    q, k = torch.randn(B, Hq, 8, Dh, generator=g), torch.randn(B, Hkv, T, Dh, generator=g)
+    keys = torch.ones(B, T, dtype=torch.bool)
+    keys[1, :2] = False
+    treal, mreal = torch.tensor([[True, True, False], [True, False, True]]), torch.ones(B, 3, dtype=torch.bool)
+    masked = torch.zeros(B, T, dtype=torch.bool)
+    masked[:, 6:] = True
+    store = torch.randn(B, Hq, T + 1, Dh, generator=g)
+    tcols = torch.tensor([[4, 0, 9], [2, 3, 5]])
+    past = el.past_attention(store, tcols, k, keys)
+    assert torch.equal(past, el.attention_probs(el.gather_heads(store, tcols), k, keys))
+    sim, track = el.drift_and_track(q, k, keys, past, treal, mreal, masked, n_track, rows_from, 2)
+    assert torch.equal(sim, el.attention_similarity(past, el.attention_probs(q[:, :, :n_track], k, keys), treal,
+                                                    keys))
+    want = el.most_attended(el.attention_probs(q[:, :, rows_from:], k, keys), mreal, masked, keys, 2)
+    assert torch.equal(track, want) and track.shape == (B, 2)
+    mrows = torch.tensor([[1, 2, 7], [0, 8, 8]])
+    assert torch.equal(el.window_track(store[:, :, :T], mrows, k, keys, mreal, masked, 2),
+                       el.most_attended(el.attention_probs(el.gather_heads(store[:, :, :T], mrows), k, keys), mreal,
+                                        masked, keys, 2))
+
+
 def test_most_attended_skips_masks_and_padding():
     probs = torch.zeros(1, 2, 2, 5)
     probs[0, 0, 0] = torch.tensor([0.1, 0.5, 0.2, 0.9, 0.3])
