@@ -153,6 +153,10 @@ class _Fused:
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 64))
+        # Inductor's advice while compiling our float32 statistics (Elastic-Cache's attention probabilities stay
+        # float32, as the release computes them) and its softmax strategy: not actionable by a user of the harness.
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
+        warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly")
         self.fn, self.compiled, self.failed = fn, torch.compile(fn, dynamic=False, fullgraph=True), False
         self._mark_dynamic = torch._dynamo.maybe_mark_dynamic
         self._errors = _compile_errors()
