@@ -138,6 +138,20 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _silence_inductor_notes() -> None:
+    """Once per process: inductor's advice while compiling our float32 statistics (Elastic-Cache's attention
+    probabilities stay float32, as the release computes them) and its note on its softmax strategy are not
+    actionable by a user of the harness."""
+    global _NOTES_SILENCED
+    if not _NOTES_SILENCED:
+        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
+        warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly")
+        _NOTES_SILENCED = True
+
+
+_NOTES_SILENCED = False
+
+
 class _Fused:
     """``fn`` compiled into fused kernels; the plain function again, with one warning, if compilation fails on
     this machine. Only compilation errors turn fusion off; out-of-memory and every other error is re-raised.
@@ -153,10 +167,7 @@ class _Fused:
         cfg = torch._dynamo.config
         name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
         setattr(cfg, name, max(getattr(cfg, name), 64))
-        # Inductor's advice while compiling our float32 statistics (Elastic-Cache's attention probabilities stay
-        # float32, as the release computes them) and its softmax strategy: not actionable by a user of the harness.
-        warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores for float32 matrix multiplication")
-        warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly")
+        _silence_inductor_notes()
         self.fn, self.compiled, self.failed = fn, torch.compile(fn, dynamic=False, fullgraph=True), False
         self._mark_dynamic = torch._dynamo.maybe_mark_dynamic
         self._errors = _compile_errors()
