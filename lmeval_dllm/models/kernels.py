@@ -73,13 +73,16 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_ROPES = (rope_fp32, rope_native, norm_rope_fp32, norm_rope_native)
-
-
 def _rows_of_heads(x: torch.Tensor) -> tuple[int, ...]:
     """q, k, v (B, H, Q, Dh), cos, sin (B, 1, Q, Dh), K/V stores (B, Hkv, S, Dh): batch and rows (or slots);
-    a (Q,) slot index: its length."""
-    return (0, 2) if x.dim() == 4 else (0,) if x.dim() == 1 else ()
+    a (Q,) slot index: its length; the q/k norm weights (Dh,): none."""
+    if x.dim() == 4:
+        return (0, 2)
+    return (0,) if x.dim() == 1 and not x.is_floating_point() else ()
+
+
+for _rope in (rope_fp32, rope_native, norm_rope_fp32, norm_rope_native):
+    _rope.row_dims = _rows_of_heads
 
 
 _STORING: dict[Callable, Callable] = {}
@@ -111,11 +114,7 @@ def _row_dims(fn: Callable, x: torch.Tensor) -> tuple[int, ...]:
     custom = getattr(fn, "row_dims", None)
     if custom is not None:
         return custom(x)
-    if x.dim() < 2:
-        return ()
-    if fn in _ROPES and x.dim() == 4:
-        return _rows_of_heads(x)
-    return tuple(range(x.dim() - 1))  # (..., features)
+    return tuple(range(x.dim() - 1)) if x.dim() > 1 else ()  # (..., features)
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
